@@ -1,0 +1,3 @@
+from cbas.cli import main
+
+main()

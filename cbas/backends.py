@@ -1,0 +1,114 @@
+"""The I/O boundaries of CBAS. Each has a local (cbas/local) and an AWS (cbas/aws) twin."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Awaitable, Callable, Protocol
+
+from cbas.messages import Envelope
+from cbas.models import CheckpointRecord, Job, JobEvent, LaunchSpec, LedgerEntry, Machine, Offer
+from cbas.state import JobState
+
+Progress = Callable[[int], None]  # called with the number of bytes just moved
+
+
+class BlobNotFound(KeyError):
+    def __init__(self, key: str) -> None:
+        super().__init__(key)
+        self.key = key
+
+    def __str__(self) -> str:
+        return f"no blob {self.key!r}"
+
+
+class StaleWrite(RuntimeError):
+    """A conditional write lost: the record changed since it was read."""
+
+
+class NotFound(KeyError):
+    def __str__(self) -> str:
+        return f"not found: {self.args[0]}"
+
+
+class CapacityError(RuntimeError):
+    """The cloud has no capacity for this launch (no spot capacity, or price above max)."""
+
+
+class DeliveryError(RuntimeError):
+    """A message could not be delivered now; sending again later may work."""
+
+
+class MessageRejected(RuntimeError):
+    """The recipient refused the message; sending it again will not help."""
+
+
+class InvalidMessage(ValueError):
+    """A delivery that is malformed, unsigned, badly signed or stale."""
+
+
+class BlobStore(Protocol):
+    """Keys are '/'-separated paths such as jobs/<id>/input.tar.zst. Synchronous: run in threads."""
+
+    def put_file(self, key: str, path: Path, progress: Progress | None = None) -> None: ...
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def get_file(self, key: str, path: Path, progress: Progress | None = None) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def size(self, key: str) -> int: ...
+    def exists(self, key: str) -> bool: ...
+    def list(self, prefix: str) -> list[str]: ...
+    def delete(self, key: str) -> None: ...
+
+
+JobMutation = Callable[[Job], Job | None]
+
+
+class JobStore(Protocol):
+    async def create_job(self, job: Job) -> Job: ...
+    async def get_job(self, job_id: str) -> Job: ...
+    async def list_jobs(self, states: set[JobState] | None = None) -> list[Job]: ...
+    async def update_job(self, job: Job) -> Job:
+        """Write job if its stored version is still job.version; raise StaleWrite otherwise."""
+        ...
+    async def mutate_job(self, job_id: str, change: JobMutation) -> Job | None:
+        """Read, apply change (None: leave as is), write conditionally; retry on StaleWrite."""
+        ...
+
+    async def put_ledger(self, entry: LedgerEntry) -> LedgerEntry: ...
+    async def list_ledger(self, live_only: bool = True) -> list[LedgerEntry]: ...
+
+    async def add_checkpoint(self, record: CheckpointRecord) -> bool: ...
+    async def list_checkpoints(self, job_id: str) -> list[CheckpointRecord]: ...
+    async def mark_checkpoint_bad(self, job_id: str, checkpoint_id: str) -> None: ...
+
+    async def add_event(self, event: JobEvent) -> None: ...
+    async def list_events(self, job_id: str) -> list[JobEvent]: ...
+
+    async def first_sighting(self, message_id: str, window_seconds: float) -> bool:
+        """Record a message id; False if it was seen within the window (a duplicate)."""
+        ...
+
+    async def forget_sighting(self, message_id: str) -> None: ...
+
+    async def close(self) -> None: ...
+
+
+class Cloud(Protocol):
+    async def start(self) -> None: ...
+    async def launch(self, spec: LaunchSpec) -> Machine: ...
+    async def terminate(self, instance_id: str) -> None: ...
+    async def list_machines(self) -> list[Machine]: ...
+    async def offers(self) -> list[Offer]: ...
+    async def close(self) -> None: ...
+
+
+class MessageBus(Protocol):
+    async def send(self, message: Envelope) -> None: ...
+    async def subscribe(self, recipient: str, url: str) -> None: ...
+    async def unsubscribe(self, recipient: str) -> None: ...
+    def parse_delivery(self, body: bytes) -> Envelope:
+        """Verify and unwrap one HTTP delivery; raise InvalidMessage if it is not genuine."""
+        ...
+    async def close(self) -> None: ...
+
+
+SpotActionWatcher = Callable[[], Awaitable[dict[str, str] | None]]

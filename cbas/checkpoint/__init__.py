@@ -1,0 +1,1 @@
+"""Checkpoint strategies and checkpoint storage."""

@@ -1,0 +1,118 @@
+"""What every checkpoint strategy provides, and the registry that picks one by JDL name."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Protocol
+
+
+class CheckpointFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class JobProcess:
+    """The running executable: its own process group, so it can be paused and killed whole."""
+
+    process: asyncio.subprocess.Process
+
+    @property
+    def pgid(self) -> int:
+        return self.process.pid
+
+    def signal_group(self, sig: int) -> None:
+        try:
+            os.killpg(self.pgid, sig)
+        except ProcessLookupError:
+            pass
+
+    def kill(self) -> None:
+        self.signal_group(signal.SIGKILL)
+
+
+@dataclass
+class JobContext:
+    """Where a job lives on its machine and how its processes are started."""
+
+    job_id: str
+    workdir: Path  # the executable's working directory: sandbox and (directory strategy) state
+    checkpoint_dir: Path  # $CBAS_CHECKPOINT_DIR for the signal strategy
+    stdout: Path
+    stderr: Path
+    env: dict[str, str]
+    user: tuple[int, int] | None  # (uid, gid) to drop to, or None to stay who we are
+    on_spawn: Callable[[int], None] = lambda pgid: None  # records process groups for the cloud
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def log_sizes(self) -> tuple[int, int]:
+        return _size(self.stdout), _size(self.stderr)
+
+    async def spawn(self, argv: list[str]) -> JobProcess:
+        with open(self.stdout, "ab") as out, open(self.stderr, "ab") as err:
+            process = await asyncio.create_subprocess_exec(
+                *argv, cwd=self.workdir, env=self.env, stdin=asyncio.subprocess.DEVNULL,
+                stdout=out, stderr=err, start_new_session=True,
+                user=self.user[0] if self.user else None,
+                group=self.user[1] if self.user else None,
+                extra_groups=[] if self.user else None,
+            )
+        self.on_spawn(process.pid)
+        return JobProcess(process)
+
+
+@dataclass(frozen=True)
+class Capture:
+    """One checkpoint as taken: how long the job was paused, and its log lengths at that moment."""
+
+    pause_seconds: float
+    stdout_bytes: int
+    stderr_bytes: int
+
+
+class Checkpointer(Protocol):
+    name: str
+
+    async def start(self, ctx: JobContext, argv: list[str]) -> JobProcess:
+        """Start the executable (fresh or restored: restore() ran before, if at all)."""
+        ...
+
+    async def capture(self, ctx: JobContext, job: JobProcess, archive: Path) -> Capture:
+        """Write a consistent checkpoint archive of the job's state."""
+        ...
+
+    def restore(self, ctx: JobContext, archive: Path) -> None:
+        """Put a checkpoint archive's state back in place before start()."""
+        ...
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+STRATEGIES: dict[str, Callable[[], Checkpointer]] = {}
+
+
+def strategy(name: str) -> Callable[[Callable[[], Checkpointer]], Callable[[], Checkpointer]]:
+    def register(factory: Callable[[], Checkpointer]) -> Callable[[], Checkpointer]:
+        STRATEGIES[name] = factory
+        return factory
+
+    return register
+
+
+def checkpointer_for(name: str) -> Checkpointer:
+    # the strategies register themselves on import
+    from cbas.checkpoint import directory, signalled  # noqa: F401
+
+    if name not in STRATEGIES:
+        raise CheckpointFailed(
+            f"checkpoint strategy {name!r} is not available on this backend (available: {', '.join(sorted(STRATEGIES))})"
+        )
+    return STRATEGIES[name]()

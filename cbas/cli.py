@@ -1,0 +1,307 @@
+"""The `cbas` command line.
+
+Exit codes: 0 success; 1 the job failed or is not finished; 2 bad input (JDL, missing file,
+unknown job id); 3 no master is running or it cannot be reached.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, NoReturn
+
+import click
+from rich.console import Console
+from rich.table import Table
+
+from cbas import __version__, jdl, logs
+from cbas.backends import BlobNotFound
+from cbas.client import ApiError, MasterClient, MasterUnavailable
+from cbas.settings import Settings
+
+console = Console()
+err_console = Console(stderr=True)
+
+STATE_STYLE = {
+    "SUBMITTING": "dim", "QUEUED": "yellow", "PROVISIONING": "yellow", "STARTING": "cyan", "RUNNING": "green",
+    "PREEMPTED": "magenta", "COMPLETED": "bold green", "FAILED": "bold red", "CANCELLED": "dim",
+}
+
+
+def fail(message: str, code: int) -> NoReturn:
+    err_console.print(f"[red]error:[/red] {message}", highlight=False)
+    sys.exit(code)
+
+
+def settings_of(ctx: click.Context) -> Settings:
+    return ctx.ensure_object(dict)["settings"]
+
+
+def api_call(func: Any, *args: Any) -> Any:
+    try:
+        return func(*args)
+    except MasterUnavailable as exc:
+        fail(str(exc), 3)
+    except ApiError as exc:
+        fail(str(exc), 2 if exc.status in (400, 404) else 3)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--home", type=click.Path(path_type=Path), envvar="CBAS_HOME", help="State folder (default ~/.cbas).")
+@click.option("--backend", type=click.Choice(["local", "aws"]), envvar="CBAS_BACKEND", help="Backend (default local).")
+@click.version_option(__version__, prog_name="cbas")
+@click.pass_context
+def cli(ctx: click.Context, home: Path | None, backend: str | None) -> None:
+    """CBAS runs long jobs on cheap preemptible machines and makes them finish.
+
+    \b
+    Quick start on the local backend (no cloud account needed):
+      cbas master &                 # the daemon that schedules and restarts jobs
+      cbas submit examples/counter/counter.jdl
+      cbas status                   # watch it survive preemptions
+      cbas fetch <job id>           # download its output
+    Or run everything at once: cbas demo
+
+    Exit codes: 0 ok, 1 job failed or not finished, 2 bad input or unknown job, 3 no master.
+    """
+    overrides: dict[str, Any] = {}
+    if home is not None:
+        overrides["home"] = home
+    if backend is not None:
+        overrides["backend"] = backend
+    ctx.ensure_object(dict)["settings"] = Settings(**overrides)
+
+
+@cli.command()
+@click.argument("jdl_file", type=click.Path(path_type=Path))
+@click.option("--backend", type=click.Choice(["local", "aws"]), help="Backend for this submission.")
+@click.option("--quiet", "-q", is_flag=True, help="Print only the job id.")
+@click.pass_context
+def submit(ctx: click.Context, jdl_file: Path, backend: str | None, quiet: bool) -> None:
+    """Submit the job described by JDL_FILE and print its id.
+
+    Every file the JDL names (Executable, Prologue, InputSandbox) is checked before anything is
+    uploaded. Example: cbas submit examples/counter/counter.jdl
+    """
+    from cbas.frontend import SubmitError, submit as do_submit
+
+    settings = settings_of(ctx)
+    if backend:
+        settings = settings.model_copy(update={"backend": backend})
+    try:
+        job_id = do_submit(settings, jdl_file, show_progress=not quiet and sys.stderr.isatty())
+    except (jdl.JDLError, SubmitError) as exc:
+        fail(str(exc), 2)
+    except MasterUnavailable as exc:
+        fail(str(exc), 3)
+    except ApiError as exc:
+        fail(str(exc), 3)
+    except Exception as exc:  # DeliveryError and friends: say what failed, not a traceback
+        fail(f"submission failed: {exc}", 3)
+    if quiet or not sys.stdout.isatty():
+        click.echo(job_id)  # scripts get the bare id
+    else:
+        console.print(f"submitted job [bold]{job_id}[/bold]  (follow it with: cbas status {job_id})")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}"
+
+
+@cli.command()
+@click.argument("job_id", required=False)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def status(ctx: click.Context, job_id: str | None, as_json: bool) -> None:
+    """Show all jobs, or one job in detail with its timeline.
+
+    Example: cbas status; cbas status 3f9a1c2e --json
+    """
+    client = api_call(MasterClient, settings_of(ctx))
+    if job_id:
+        job = api_call(client.job, job_id)
+        if as_json:
+            click.echo(json.dumps(job, indent=2))
+            return
+        _print_job(job)
+        return
+    jobs = api_call(client.jobs)
+    if as_json:
+        click.echo(json.dumps(jobs, indent=2))
+        return
+    table = Table(title=None)
+    for column in ("id", "name", "state", "restarts", "preempted", "checkpoints", "runtime", "cost $"):
+        table.add_column(column, justify="right" if column in ("restarts", "preempted", "checkpoints", "cost $") else "left")
+    for job in jobs:
+        state = job["state"]
+        table.add_row(
+            job["id"], job.get("name") or "", f"[{STATE_STYLE.get(state, '')}]{state}[/]", str(job["restarts"]),
+            str(job["preemptions"]), str(job["checkpoints"]), _duration(job["runtime_seconds"]), f"{job['cost_so_far']:.4f}",
+        )
+    console.print(table if jobs else "no jobs yet: submit one with `cbas submit JOB.jdl`")
+
+
+def _print_job(job: dict[str, Any]) -> None:
+    state = job["state"]
+    console.print(f"[bold]{job['id']}[/bold] {job.get('name') or ''}  [{STATE_STYLE.get(state, '')}]{state}[/]")
+    console.print(
+        f"restarts {job['restarts']}  preemptions {job['preemptions']}  checkpoints {job['checkpoints']}  "
+        f"runtime {_duration(job['runtime_seconds'])}  cost ${job['cost_so_far']:.4f}"
+    )
+    if job.get("exit_code") is not None:
+        console.print(f"exit code {job['exit_code']}")
+    if job.get("error"):
+        console.print(f"[red]{job['error']}[/red]")
+    if job.get("stderr_tail"):
+        console.print("last lines of stderr:\n" + job["stderr_tail"], highlight=False)
+    table = Table("time", "event", "detail", box=None)
+    for event in job.get("events", []):
+        at = datetime.fromisoformat(event["at"]).strftime("%H:%M:%S")
+        table.add_row(at, event["kind"], event["detail"])
+    console.print(table)
+
+
+@cli.command(name="logs")
+@click.argument("job_id")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the job ends.")
+@click.option("--stderr", "stream", flag_value="stderr", help="Show stderr instead of stdout.")
+@click.option("--stdout", "stream", flag_value="stdout", default=True, hidden=True)
+@click.pass_context
+def logs_command(ctx: click.Context, job_id: str, follow: bool, stream: str) -> None:
+    """Print a job's stdout (or stderr), as far as it has been uploaded.
+
+    Example: cbas logs 3f9a1c2e -f
+    """
+    from cbas.wiring import open_blobs
+
+    settings = settings_of(ctx)
+    client = api_call(MasterClient, settings)
+    job = api_call(client.job, job_id)
+    blobs = open_blobs(settings)
+    key = f"jobs/{job_id}/logs/{stream}"
+    shown = 0
+    while True:
+        try:
+            data = blobs.get_bytes(key)
+        except BlobNotFound:
+            data = b""
+        if len(data) < shown:  # the job was restored from a checkpoint: its log was rewound
+            shown = len(data)
+        sys.stdout.buffer.write(data[shown:])
+        sys.stdout.flush()
+        shown = len(data)
+        if not follow or job["state"] in ("COMPLETED", "FAILED", "CANCELLED"):
+            return
+        time.sleep(1.0)
+        job = api_call(client.job, job_id)
+
+
+@cli.command()
+@click.argument("job_id")
+@click.pass_context
+def cancel(ctx: click.Context, job_id: str) -> None:
+    """Cancel a job: its machine is terminated and it will not run again.
+
+    Example: cbas cancel 3f9a1c2e
+    """
+    from cbas.frontend import cancel as do_cancel
+
+    settings = settings_of(ctx)
+    api_call(do_cancel, settings, job_id)
+    console.print(f"cancelling {job_id}")
+
+
+@cli.command()
+@click.argument("job_id")
+@click.option("-o", "--output", type=click.Path(path_type=Path), help="Folder to write to (default ./<job id>).")
+@click.pass_context
+def fetch(ctx: click.Context, job_id: str, output: Path | None) -> None:
+    """Download a finished job's output sandbox and its stdout and stderr.
+
+    Example: cbas fetch 3f9a1c2e -o results/
+    """
+    from cbas.frontend import fetch as do_fetch
+
+    settings = settings_of(ctx)
+    job = api_call(api_call(MasterClient, settings).job, job_id)
+    if job["state"] not in ("COMPLETED", "FAILED", "CANCELLED"):
+        fail(f"job {job_id} is {job['state']}; its output can be fetched once it has finished", 1)
+    target = output or Path(job_id)
+    written = do_fetch(settings, job_id, target, show_progress=sys.stderr.isatty())
+    console.print(f"wrote {len(written)} item(s) to {target}/: {', '.join(written) or 'nothing'}")
+    if job["state"] != "COMPLETED":
+        sys.exit(1)
+
+
+@cli.command()
+@click.option("--port", type=int, help="Port to listen on (default: any free port).")
+@click.option("--trace", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Replay this spot market trace (CSV or CSV.GZ) instead of the built-in market model.")
+@click.pass_context
+def master(ctx: click.Context, port: int | None, trace: Path | None) -> None:
+    """Run the master daemon (until SIGTERM or Ctrl-C). Jobs keep running while it is stopped.
+
+    Example: cbas master --trace spot-trace.csv.gz
+    """
+    from cbas.master.daemon import MasterAlreadyRunning, serve
+
+    settings = settings_of(ctx)
+    updates: dict[str, Any] = {}
+    if port is not None:
+        updates["master_port"] = port
+    if trace is not None:
+        updates["market_trace"] = trace.resolve()
+    settings = settings.model_copy(update=updates)
+    logs.configure(json=True, level=settings.log_level)
+    try:
+        asyncio.run(serve(settings, on_ready=lambda url: err_console.print(f"master listening on {url}")))
+    except MasterAlreadyRunning as exc:
+        fail(str(exc), 3)
+
+
+@cli.command(hidden=True)
+@click.option("--instance-id", required=True)
+@click.option("--disk", type=click.Path(path_type=Path), required=True)
+@click.option("--metadata-url", required=True)
+@click.pass_context
+def worker(ctx: click.Context, instance_id: str, disk: Path, metadata_url: str) -> None:
+    """Run the worker daemon of one machine (started by the machine's boot script)."""
+    from cbas.wiring import open_blobs, open_bus
+    from cbas.worker.daemon import Worker
+    from cbas.worker.imds import MetadataClient
+
+    settings = settings_of(ctx)
+    logs.configure(json=True, level=settings.log_level)
+
+    async def run() -> None:
+        daemon = Worker(settings, instance_id, disk, MetadataClient(metadata_url), open_blobs(settings), open_bus(settings))
+        await daemon.run()
+
+    asyncio.run(run())
+
+
+@cli.command()
+@click.option("--keep", is_flag=True, help="Keep the demo's state folder for a look afterwards.")
+@click.option("--trace", type=click.Path(path_type=Path, exists=True, dir_okay=False),
+              help="Replay a spot market trace instead of the built-in model.")
+@click.option("--seed", type=int, help="Seed of the simulated market (another seed, another history).")
+@click.option("--time-scale", type=float, help="Simulated seconds per wall second of the market.")
+def demo(keep: bool, trace: Path | None, seed: int | None, time_scale: float | None) -> None:
+    """Run a checkpointed counter job that survives spot preemptions, end to end, on this machine.
+
+    Starts a master with a fast simulated spot market, submits examples/counter, shows progress,
+    fetches the output and checks it equals an uninterrupted run. Exit 0 only if it does.
+    """
+    from cbas.demo import run_demo
+
+    sys.exit(run_demo(keep=keep, trace=trace, console=console, seed=seed, time_scale=time_scale))
+
+
+def main() -> None:
+    cli(obj={})

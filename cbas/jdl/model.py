@@ -1,0 +1,81 @@
+"""What a JDL file describes: one job, as a validated pydantic record."""
+
+from __future__ import annotations
+
+import re
+from datetime import datetime, timedelta, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+CheckpointStrategy = Literal["dmtcp", "directory", "signal", "volume"]
+
+_DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
+_DURATION = re.compile(r"^\s*(?:\d+(?:\.\d+)?\s*[smhd]\s*)+$")
+_UNIT_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> timedelta | None:
+    """'90m', '1d 12h', '36h' -> timedelta; None when the text is not a duration."""
+    lowered = text.lower()
+    if not _DURATION.match(lowered):
+        return None
+    seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(lowered))
+    return timedelta(seconds=seconds)
+
+
+def parse_deadline(text: str, submitted_at: datetime) -> datetime:
+    """A deadline is an ISO time (UTC if no zone given) or a duration after submission."""
+    duration = parse_duration(text)
+    if duration is not None:
+        return submitted_at + duration
+    moment = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    return moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
+
+
+class JobDescription(BaseModel):
+    """One job as written in a JDL file. Field names are the JDL keys in snake case."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    executable: str = Field(min_length=1)
+    arguments: str = ""
+    name: str | None = None
+    prologue: tuple[str, ...] = ()
+    input_sandbox: tuple[str, ...] = ()
+    output_sandbox: tuple[str, ...] = ()
+    checkpoint_strategy: CheckpointStrategy = "directory"
+    # Seconds between periodic checkpoints; a spot notice triggers one at once regardless.
+    checkpoint_interval: int = Field(default=600, ge=1)
+    deadline: str | None = None
+    max_price: float | None = Field(default=None, gt=0)
+    instance_types: tuple[str, ...] = ()
+    environment: dict[str, str] = Field(default_factory=dict)
+
+    @field_validator("deadline")
+    @classmethod
+    def _deadline_is_time_or_duration(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        if parse_duration(value) is not None:
+            return value
+        try:
+            datetime.fromisoformat(value.strip().replace("Z", "+00:00"))
+        except ValueError:
+            raise ValueError(
+                f"{value!r} is neither an ISO time (2026-12-01T18:00:00Z) "
+                "nor a duration (36h, 2d 12h, 90m)"
+            ) from None
+        return value
+
+    @field_validator("environment")
+    @classmethod
+    def _environment_names(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key):
+                raise ValueError(f"Environment name {key!r} is not a valid variable name")
+        return value
+
+    def referenced_files(self) -> list[str]:
+        """Local files the frontend must find and upload before the job can exist."""
+        return [*self.prologue, *self.input_sandbox]

@@ -1,0 +1,1 @@
+"""The embedded backend: everything on this machine, no cloud account needed."""

@@ -1,0 +1,138 @@
+"""MessageBus for the local backend: POST each envelope straight to its recipient's endpoint.
+
+Deliveries have the shape of SNS notifications and are signed (HMAC-SHA256 with a key kept in
+the CBAS home, mode 0600) over SNS's string-to-sign, so endpoints verify every message the
+same way on both backends. Subscriptions (recipient -> URL) live in the job store's database.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+
+import aiohttp
+from pydantic import ValidationError
+
+from cbas.backends import DeliveryError, InvalidMessage, MessageRejected
+from cbas.local.store import connect
+from cbas.messages import Envelope
+
+SIGNATURE_VERSION = "local-hmac-sha256"
+MAX_AGE = timedelta(hours=1)
+_NOTIFICATION_FIELDS = ("Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type")
+
+
+def load_or_create_secret(path: Path) -> bytes:
+    """A random secret shared by the processes of one CBAS home, created once, mode 0600."""
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        secret = secrets.token_hex(32).encode()
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            return path.read_bytes()
+        with os.fdopen(fd, "wb") as out:
+            out.write(secret)
+        return secret
+
+
+def string_to_sign(fields: dict[str, str]) -> bytes:
+    """SNS's canonical form: 'key\\nvalue\\n' for each present field, in a fixed order."""
+    return "".join(f"{key}\n{fields[key]}\n" for key in _NOTIFICATION_FIELDS if key in fields).encode()
+
+
+class LocalMessageBus:
+    def __init__(self, home: Path, db_path: Path, timeout: float = 10.0) -> None:
+        self._key = load_or_create_secret(home / "bus.key")
+        self._conn = connect(db_path)
+        self._timeout = aiohttp.ClientTimeout(total=timeout)
+        self._session: aiohttp.ClientSession | None = None
+
+    def sign(self, message: Envelope) -> bytes:
+        fields = {
+            "Type": "Notification",
+            "MessageId": message.id,
+            "TopicArn": "cbas:local",
+            "Message": message.model_dump_json(),
+            "Timestamp": datetime.now(timezone.utc).isoformat().replace("+00:00", "Z"),
+        }
+        digest = hmac.new(self._key, string_to_sign(fields), hashlib.sha256).digest()
+        fields["SignatureVersion"] = SIGNATURE_VERSION
+        fields["Signature"] = base64.b64encode(digest).decode()
+        return json.dumps(fields).encode()
+
+    def parse_delivery(self, body: bytes) -> Envelope:
+        try:
+            fields = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise InvalidMessage("body is not JSON") from None
+        if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
+            raise InvalidMessage("body is not a notification object of strings")
+        missing = [k for k in ("Type", "MessageId", "Message", "Timestamp", "Signature", "SignatureVersion") if k not in fields]
+        if missing:
+            raise InvalidMessage(f"notification lacks {', '.join(missing)}")
+        if fields["Type"] != "Notification":
+            raise InvalidMessage(f"unexpected notification type {fields['Type']!r}")
+        if fields["SignatureVersion"] != SIGNATURE_VERSION:
+            raise InvalidMessage(f"unsupported SignatureVersion {fields['SignatureVersion']!r}")
+        try:
+            given = base64.b64decode(fields["Signature"], validate=True)
+        except ValueError:
+            raise InvalidMessage("Signature is not base64") from None
+        expected = hmac.new(self._key, string_to_sign(fields), hashlib.sha256).digest()
+        if not hmac.compare_digest(given, expected):
+            raise InvalidMessage("bad signature")
+        try:
+            stamp = datetime.fromisoformat(fields["Timestamp"].replace("Z", "+00:00"))
+        except ValueError:
+            raise InvalidMessage("Timestamp is not an ISO time") from None
+        if stamp.tzinfo is None or abs(datetime.now(timezone.utc) - stamp) > MAX_AGE:
+            raise InvalidMessage("stale or undated Timestamp")
+        try:
+            message = Envelope.model_validate_json(fields["Message"])
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "envelope"
+            raise InvalidMessage(f"envelope is invalid at {where}: {first['msg']}") from None
+        if message.id != fields["MessageId"]:
+            raise InvalidMessage("MessageId does not match the envelope id")
+        return message
+
+    async def subscribe(self, recipient: str, url: str) -> None:
+        self._conn.execute("INSERT OR REPLACE INTO endpoints (recipient, url) VALUES (?, ?)", (recipient, url))
+
+    async def unsubscribe(self, recipient: str) -> None:
+        self._conn.execute("DELETE FROM endpoints WHERE recipient = ?", (recipient,))
+
+    def endpoint(self, recipient: str) -> str | None:
+        row = self._conn.execute("SELECT url FROM endpoints WHERE recipient = ?", (recipient,)).fetchone()
+        return row[0] if row else None
+
+    async def send(self, message: Envelope) -> None:
+        url = self.endpoint(message.recipient)
+        if url is None:
+            raise DeliveryError(f"no endpoint subscribed for {message.recipient}")
+        if self._session is None or self._session.closed:
+            self._session = aiohttp.ClientSession(timeout=self._timeout)
+        try:
+            async with self._session.post(url, data=self.sign(message), headers={"Content-Type": "text/plain"}) as resp:
+                if resp.status >= 500:
+                    raise DeliveryError(f"{message.recipient} answered {resp.status}")
+                if resp.status >= 400:
+                    raise MessageRejected(f"{message.recipient} refused {message.type}: {resp.status} {await resp.text()}")
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise DeliveryError(f"cannot reach {message.recipient} at {url}: {exc}") from exc
+
+    async def close(self) -> None:
+        if self._session is not None:
+            await self._session.close()
+            self._session = None
+        self._conn.close()

@@ -1,0 +1,165 @@
+"""JobStore on SQLite (WAL). Records are JSON; state and version are columns for queries."""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+from pathlib import Path
+
+import structlog
+
+from cbas.backends import JobMutation, NotFound, StaleWrite
+from cbas.models import CheckpointRecord, Job, JobEvent, LedgerEntry, LedgerState, utcnow
+from cbas.state import JobState
+
+log = structlog.get_logger(__name__)
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, state TEXT NOT NULL, version INTEGER NOT NULL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
+CREATE TABLE IF NOT EXISTS ledger (id TEXT PRIMARY KEY, state TEXT NOT NULL, version INTEGER NOT NULL, data TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS checkpoints (job_id TEXT NOT NULL, id TEXT NOT NULL, data TEXT NOT NULL, PRIMARY KEY (job_id, id));
+CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, data TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS events_job ON events(job_id);
+CREATE TABLE IF NOT EXISTS seen_messages (id TEXT PRIMARY KEY, seen_at REAL NOT NULL);
+CREATE TABLE IF NOT EXISTS endpoints (recipient TEXT PRIMARY KEY, url TEXT NOT NULL);
+"""
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
+    conn.execute("PRAGMA journal_mode=WAL")
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(_SCHEMA)
+    return conn
+
+
+class SqliteJobStore:
+    """Each query is a short local transaction; conditional writes use `WHERE version = ?`."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._conn = connect(path)
+        self._lock = threading.Lock()
+        self._closed = False
+
+    def _execute(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
+        with self._lock:
+            return self._conn.execute(sql, params)
+
+    async def create_job(self, job: Job) -> Job:
+        try:
+            self._execute(
+                "INSERT INTO jobs (id, state, version, data) VALUES (?, ?, ?, ?)",
+                (job.id, job.state.value, job.version, job.model_dump_json()),
+            )
+        except sqlite3.IntegrityError:
+            raise StaleWrite(f"job {job.id} exists already") from None
+        return job
+
+    async def get_job(self, job_id: str) -> Job:
+        row = self._execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"job {job_id}")
+        return Job.model_validate_json(row[0])
+
+    async def list_jobs(self, states: set[JobState] | None = None) -> list[Job]:
+        rows = self._execute("SELECT data FROM jobs ORDER BY rowid").fetchall()
+        jobs = [Job.model_validate_json(row[0]) for row in rows]
+        return [job for job in jobs if states is None or job.state in states]
+
+    async def update_job(self, job: Job) -> Job:
+        new = job.model_copy(update={"version": job.version + 1, "updated_at": utcnow()})
+        cursor = self._execute(
+            "UPDATE jobs SET state = ?, version = ?, data = ? WHERE id = ? AND version = ?",
+            (new.state.value, new.version, new.model_dump_json(), job.id, job.version),
+        )
+        if cursor.rowcount != 1:
+            raise StaleWrite(f"job {job.id} changed since version {job.version}")
+        return new
+
+    async def mutate_job(self, job_id: str, change: JobMutation) -> Job | None:
+        for _ in range(20):
+            job = await self.get_job(job_id)
+            changed = change(job)
+            if changed is None:
+                return None
+            try:
+                return await self.update_job(changed)
+            except StaleWrite:
+                continue
+        raise StaleWrite(f"job {job_id}: too many concurrent writers")
+
+    async def put_ledger(self, entry: LedgerEntry) -> LedgerEntry:
+        new = entry.model_copy(update={"version": entry.version + 1})
+        if entry.version == 0:
+            try:
+                self._execute(
+                    "INSERT INTO ledger (id, state, version, data) VALUES (?, ?, ?, ?)",
+                    (new.id, new.state.value, new.version, new.model_dump_json()),
+                )
+            except sqlite3.IntegrityError:
+                raise StaleWrite(f"ledger entry {entry.id} exists already") from None
+            return new
+        cursor = self._execute(
+            "UPDATE ledger SET state = ?, version = ?, data = ? WHERE id = ? AND version = ?",
+            (new.state.value, new.version, new.model_dump_json(), entry.id, entry.version),
+        )
+        if cursor.rowcount != 1:
+            raise StaleWrite(f"ledger entry {entry.id} changed since version {entry.version}")
+        return new
+
+    async def list_ledger(self, live_only: bool = True) -> list[LedgerEntry]:
+        sql = "SELECT data FROM ledger"
+        params: tuple[object, ...] = ()
+        if live_only:
+            sql += " WHERE state != ?"
+            params = (LedgerState.TERMINATED.value,)
+        return [LedgerEntry.model_validate_json(row[0]) for row in self._execute(sql + " ORDER BY rowid", params)]
+
+    async def add_checkpoint(self, record: CheckpointRecord) -> bool:
+        cursor = self._execute(
+            "INSERT OR IGNORE INTO checkpoints (job_id, id, data) VALUES (?, ?, ?)",
+            (record.job_id, record.id, record.model_dump_json()),
+        )
+        return cursor.rowcount == 1
+
+    async def list_checkpoints(self, job_id: str) -> list[CheckpointRecord]:
+        rows = self._execute("SELECT data FROM checkpoints WHERE job_id = ? ORDER BY id", (job_id,)).fetchall()
+        return [CheckpointRecord.model_validate_json(row[0]) for row in rows]
+
+    async def mark_checkpoint_bad(self, job_id: str, checkpoint_id: str) -> None:
+        for record in await self.list_checkpoints(job_id):
+            if record.id == checkpoint_id:
+                bad = record.model_copy(update={"bad": True})
+                self._execute(
+                    "UPDATE checkpoints SET data = ? WHERE job_id = ? AND id = ?",
+                    (bad.model_dump_json(), job_id, checkpoint_id),
+                )
+
+    async def add_event(self, event: JobEvent) -> None:
+        self._execute("INSERT INTO events (job_id, data) VALUES (?, ?)", (event.job_id, event.model_dump_json()))
+
+    async def list_events(self, job_id: str) -> list[JobEvent]:
+        rows = self._execute("SELECT data FROM events WHERE job_id = ? ORDER BY seq", (job_id,)).fetchall()
+        return [JobEvent.model_validate_json(row[0]) for row in rows]
+
+    async def first_sighting(self, message_id: str, window_seconds: float) -> bool:
+        now = time.time()
+        with self._lock:
+            self._conn.execute("DELETE FROM seen_messages WHERE seen_at < ?", (now - window_seconds,))
+            cursor = self._conn.execute(
+                "INSERT OR IGNORE INTO seen_messages (id, seen_at) VALUES (?, ?)", (message_id, now)
+            )
+        return cursor.rowcount == 1
+
+    async def forget_sighting(self, message_id: str) -> None:
+        self._execute("DELETE FROM seen_messages WHERE id = ?", (message_id,))
+
+    async def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            with self._lock:
+                self._conn.close()

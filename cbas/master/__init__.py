@@ -1,0 +1,1 @@
+"""The master daemon: message endpoint, JSON API, and the managers behind them."""

@@ -1,0 +1,134 @@
+"""The master's HTTP face: POST /messages (signed deliveries) and the token-protected JSON API."""
+
+from __future__ import annotations
+
+import hmac
+import json
+from typing import Any, Awaitable, Callable
+
+import structlog
+from aiohttp import web
+
+from cbas import __version__
+from cbas.backends import InvalidMessage, NotFound, StaleWrite
+from cbas.master.handlers import registry
+from cbas.master.service import BadRequest, Master
+from cbas.messages import MASTER, UnroutableMessage
+from cbas.state import JobState
+
+log = structlog.get_logger(__name__)
+
+MASTER_KEY: web.AppKey[Master] = web.AppKey("master", Master)
+TOKEN_KEY: web.AppKey[str] = web.AppKey("token", str)
+MAX_BODY = 256 * 1024
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def _error(status: int, message: str) -> web.Response:
+    return web.json_response({"error": message}, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error becomes a JSON answer with the right status, in this one place."""
+    try:
+        return await handler(request)
+    except web.HTTPException:
+        raise
+    except InvalidMessage as exc:
+        log.warning("message.rejected", reason=str(exc), peer=request.remote)
+        return _error(403, f"message rejected: {exc}")
+    except (UnroutableMessage, BadRequest) as exc:
+        return _error(400, str(exc))
+    except NotFound as exc:
+        return _error(404, str(exc))
+    except StaleWrite as exc:
+        return _error(409, str(exc))
+
+
+@web.middleware
+async def token_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    if request.path.startswith("/api/") and request.path != "/api/health":
+        given = request.headers.get("Authorization", "")
+        expected = "Bearer " + request.app[TOKEN_KEY]
+        if not hmac.compare_digest(given.encode(), expected.encode()):
+            return _error(401, "missing or wrong API token (see <CBAS_HOME>/api-token)")
+    return await handler(request)
+
+
+async def receive_message(request: web.Request) -> web.Response:
+    master = request.app[MASTER_KEY]
+    message = master.bus.parse_delivery(await request.read())
+    if message.recipient != MASTER:
+        raise BadRequest(f"message for {message.recipient!r} delivered to the master")
+    structlog.contextvars.clear_contextvars()
+    if not await master.store.first_sighting(message.id, master.settings.seen_message_window):
+        return web.json_response({"ok": True, "duplicate": True})
+    try:
+        await registry.dispatch(master, message)
+    except Exception:
+        # not handled: a redelivery must be processed, not dropped as a duplicate
+        await master.store.forget_sighting(message.id)
+        raise
+    return web.json_response({"ok": True})
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"ok": True, "version": __version__})
+
+
+async def create_job(request: web.Request) -> web.Response:
+    payload = await _json(request)
+    name = payload.get("name")
+    if name is not None and not isinstance(name, str):
+        raise BadRequest("name must be a string")
+    job = await request.app[MASTER_KEY].create_job(name)
+    return web.json_response({"job_id": job.id}, status=201)
+
+
+async def list_jobs(request: web.Request) -> web.Response:
+    master = request.app[MASTER_KEY]
+    states = request.query.get("state")
+    try:
+        wanted = {JobState(s.upper()) for s in states.split(",")} if states else None
+    except ValueError:
+        raise BadRequest(f"unknown state in {states!r}; states are {', '.join(JobState)}") from None
+    jobs = await master.store.list_jobs(wanted)
+    return web.json_response({"jobs": [await master.job_view(job) for job in jobs]})
+
+
+async def get_job(request: web.Request) -> web.Response:
+    master = request.app[MASTER_KEY]
+    job = await master.store.get_job(request.match_info["job_id"])
+    view = await master.job_view(job)
+    view["checkpoint_list"] = [c.model_dump(mode="json") for c in await master.store.list_checkpoints(job.id)]
+    view["events"] = [e.model_dump(mode="json") for e in await master.store.list_events(job.id)]
+    view["machines"] = [
+        e.model_dump(mode="json") for e in await master.store.list_ledger(live_only=False) if e.job_id == job.id
+    ]
+    return web.json_response(view)
+
+
+async def _json(request: web.Request) -> dict[str, Any]:
+    if not request.can_read_body:
+        return {}
+    try:
+        payload = json.loads(await request.read())
+    except ValueError:
+        raise BadRequest("body is not JSON") from None
+    if not isinstance(payload, dict):
+        raise BadRequest("body must be a JSON object")
+    return payload
+
+
+def create_app(master: Master, token: str) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware, token_middleware], client_max_size=MAX_BODY)
+    app[MASTER_KEY] = master
+    app[TOKEN_KEY] = token
+    app.router.add_post("/messages", receive_message)
+    app.router.add_get("/api/health", health)
+    app.router.add_post("/api/jobs", create_job)
+    app.router.add_get("/api/jobs", list_jobs)
+    app.router.add_get("/api/jobs/{job_id}", get_job)
+    return app

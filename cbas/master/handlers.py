@@ -1,0 +1,72 @@
+"""One thin handler per message type: validate (done by the registry), call the Master."""
+
+from __future__ import annotations
+
+import structlog
+
+from cbas.master.service import Master
+from cbas.messages import (
+    AddJob, CancelJob, CheckpointDone, Envelope, JobDone, JobFailed, MessageRegistry, MessageType, Ping,
+    SpotNotice, WorkerStarted,
+)
+from cbas.models import CheckpointRecord
+
+registry: MessageRegistry[Master] = MessageRegistry()
+
+
+@registry.handler(MessageType.ADD_JOB)
+async def on_add_job(master: Master, message: Envelope, body: AddJob) -> None:
+    structlog.contextvars.bind_contextvars(job_id=body.job_id)
+    await master.add_job(body.job_id, body.jdl)
+
+
+@registry.handler(MessageType.CANCEL_JOB)
+async def on_cancel_job(master: Master, message: Envelope, body: CancelJob) -> None:
+    structlog.contextvars.bind_contextvars(job_id=body.job_id)
+    await master.cancel_job(body.job_id)
+
+
+@registry.handler(MessageType.WORKER_STARTED)
+async def on_worker_started(master: Master, message: Envelope, body: WorkerStarted) -> None:
+    await master.worker_started(body.instance_id)
+
+
+@registry.handler(MessageType.PING)
+async def on_ping(master: Master, message: Envelope, body: Ping) -> None:
+    await master.pinged(body)
+
+
+@registry.handler(MessageType.CHECKPOINT_DONE)
+async def on_checkpoint_done(master: Master, message: Envelope, body: CheckpointDone) -> None:
+    structlog.contextvars.bind_contextvars(job_id=body.job_id)
+    record = CheckpointRecord(
+        job_id=body.job_id, id=body.checkpoint_id, attempt=body.attempt, manifest_key=body.manifest_key,
+        size_bytes=body.size_bytes, pause_seconds=body.pause_seconds, upload_seconds=body.upload_seconds,
+        reason=body.reason,
+    )
+    await master.checkpoint_done(record, body.final, instance_id=message.sender.removeprefix("worker/"))
+
+
+@registry.handler(MessageType.SPOT_NOTICE)
+async def on_spot_notice(master: Master, message: Envelope, body: SpotNotice) -> None:
+    await master.spot_notice(body.instance_id, body.action_time.timestamp())
+
+
+@registry.handler(MessageType.JOB_DONE)
+async def on_job_done(master: Master, message: Envelope, body: JobDone) -> None:
+    structlog.contextvars.bind_contextvars(job_id=body.job_id)
+    await master.job_finished(
+        body.job_id, body.attempt, ok=True,
+        update={"exit_code": body.exit_code, "missing_outputs": body.missing_outputs},
+        detail="exit code 0" + (f"; missing outputs: {', '.join(body.missing_outputs)}" if body.missing_outputs else ""),
+    )
+
+
+@registry.handler(MessageType.JOB_FAILED)
+async def on_job_failed(master: Master, message: Envelope, body: JobFailed) -> None:
+    structlog.contextvars.bind_contextvars(job_id=body.job_id)
+    await master.job_finished(
+        body.job_id, body.attempt, ok=False,
+        update={"exit_code": body.exit_code, "error": body.reason, "stderr_tail": body.stderr_tail},
+        detail=body.reason,
+    )

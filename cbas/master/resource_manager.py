@@ -1,0 +1,114 @@
+"""Launches and terminates machines through the Cloud, keeping a ledger so none ever leaks.
+
+The ledger entry is written before the cloud call (LAUNCHING) and completed after it, and the
+cloud launch is idempotent on the entry id, so a crash at any point is found by reconcile().
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass, field
+
+import structlog
+
+from cbas.backends import Cloud, JobStore
+from cbas.models import LaunchSpec, LedgerEntry, LedgerState, Machine, utcnow
+from cbas.scheduler.placement import Placement
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass
+class Reconciliation:
+    adopted: list[LedgerEntry] = field(default_factory=list)  # launched before a crash, now known
+    vanished: list[LedgerEntry] = field(default_factory=list)  # the ledger's machine is gone
+    strays_terminated: list[str] = field(default_factory=list)  # tagged machines with no entry
+
+
+class ResourceManager:
+    def __init__(self, store: JobStore, cloud: Cloud, cluster: str) -> None:
+        self.store = store
+        self.cloud = cloud
+        self.cluster = cluster
+
+    async def launch(self, job_id: str, placement: Placement, max_price: float | None) -> LedgerEntry:
+        entry = await self.store.put_ledger(
+            LedgerEntry(
+                id="l-" + secrets.token_hex(8), job_id=job_id, market=placement.market,
+                zone=placement.zone, instance_type=placement.instance_type, price=placement.price,
+            )
+        )
+        spec = LaunchSpec(
+            ledger_id=entry.id, job_id=job_id, instance_type=placement.instance_type,
+            zone=placement.zone, market=placement.market,
+            max_price=max_price if placement.market == "spot" else None,
+        )
+        try:
+            machine = await self.cloud.launch(spec)
+        except Exception as exc:
+            await self._close(entry, reason=f"launch failed: {exc}")
+            raise
+        return await self._adopt(entry, machine)
+
+    async def _adopt(self, entry: LedgerEntry, machine: Machine) -> LedgerEntry:
+        return await self.store.put_ledger(
+            entry.model_copy(update={
+                "state": LedgerState.RUNNING, "instance_id": machine.instance_id,
+                "launched_at": machine.launched_at, "price": machine.price,
+            })
+        )
+
+    async def _close(self, entry: LedgerEntry, reason: str) -> LedgerEntry:
+        now = utcnow()
+        cost = 0.0
+        if entry.launched_at is not None:
+            cost = entry.price * max((now - entry.launched_at).total_seconds(), 0.0) / 3600.0
+        return await self.store.put_ledger(
+            entry.model_copy(update={"state": LedgerState.TERMINATED, "terminated_at": now, "cost": cost, "reason": reason})
+        )
+
+    async def entry_for(self, instance_id: str) -> LedgerEntry | None:
+        for entry in await self.store.list_ledger(live_only=True):
+            if entry.instance_id == instance_id:
+                return entry
+        return None
+
+    async def terminate(self, instance_id: str, reason: str) -> LedgerEntry | None:
+        """Terminate the machine and close its ledger entry; returns the closed entry (with cost)."""
+        await self.cloud.terminate(instance_id)
+        entry = await self.entry_for(instance_id)
+        if entry is None:
+            return None
+        closed = await self._close(entry, reason)
+        log.info("ledger.closed", instance_id=instance_id, job_id=entry.job_id, reason=reason, cost=round(closed.cost, 6))
+        return closed
+
+    async def machine_cost_so_far(self, job_id: str) -> float:
+        now = utcnow()
+        return sum(
+            entry.price * (now - entry.launched_at).total_seconds() / 3600.0
+            for entry in await self.store.list_ledger(live_only=True)
+            if entry.job_id == job_id and entry.launched_at is not None
+        )
+
+    async def reconcile(self) -> Reconciliation:
+        """Make the ledger and the cloud agree; run at every master start."""
+        result = Reconciliation()
+        machines = await self.cloud.list_machines()
+        ours = [m for m in machines if m.tags.get("cbas:cluster") == self.cluster]
+        by_ledger = {m.tags.get("cbas:ledger"): m for m in ours}
+        claimed: set[str] = set()
+        for entry in await self.store.list_ledger(live_only=True):
+            machine = by_ledger.get(entry.id)
+            if machine is None:
+                result.vanished.append(await self._close(entry, reason="machine not found at reconcile"))
+                continue
+            claimed.add(machine.instance_id)
+            if entry.state == LedgerState.LAUNCHING:
+                result.adopted.append(await self._adopt(entry, machine))
+        for machine in ours:
+            if machine.instance_id not in claimed:
+                await self.cloud.terminate(machine.instance_id)
+                result.strays_terminated.append(machine.instance_id)
+                log.warning("machine.stray_terminated", instance_id=machine.instance_id)
+        return result

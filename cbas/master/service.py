@@ -1,0 +1,350 @@
+"""The master's job lifecycle: every state change of a job goes through here.
+
+Each change is a conditional write through JobStore.mutate_job that first checks the state
+machine and the attempt number, so a duplicated, late or reordered message changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import structlog
+
+from cbas import jdl
+from cbas.backends import BlobStore, CapacityError, Cloud, DeliveryError, JobStore, MessageBus, MessageRejected, NotFound
+from cbas.master.resource_manager import ResourceManager
+from cbas.master.worker_manager import WorkerManager
+from cbas.messages import MASTER, Envelope, MessageType, Ping, StartJob, StopJob, envelope, worker_address
+from cbas.models import CheckpointRecord, Job, JobEvent, utcnow
+from cbas.scheduler.placement import cheapest_spot
+from cbas.settings import Settings
+from cbas.state import JobState, can_transition
+
+log = structlog.get_logger(__name__)
+
+
+class BadRequest(ValueError):
+    """A request or message that is well-formed but cannot be acted on."""
+
+
+@dataclass
+class Backends:
+    store: JobStore
+    blobs: BlobStore
+    bus: MessageBus
+    cloud: Cloud
+
+
+def new_job_id() -> str:
+    return secrets.token_hex(4)
+
+
+class Master:
+    def __init__(self, settings: Settings, backends: Backends, workers: WorkerManager | None = None) -> None:
+        self.settings = settings
+        self.store = backends.store
+        self.blobs = backends.blobs
+        self.bus = backends.bus
+        self.cloud = backends.cloud
+        self.resources = ResourceManager(self.store, self.cloud, settings.cluster)
+        self.workers = workers or WorkerManager(settings)
+        self._wake = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- lifecycle ------------------------------------------------------------------------
+    async def start(self) -> None:
+        await self.cloud.start()
+        await self.recover()
+        self._tasks = [
+            asyncio.create_task(self._loop(self.schedule, self.settings.schedule_interval), name="scheduler"),
+            asyncio.create_task(self._loop(self.check_workers, min(self.settings.ping_interval / 2, 5.0)), name="pings"),
+        ]
+        self.kick()
+
+    async def stop(self) -> None:
+        """Stop the master's own loops; machines and jobs keep running for the next master."""
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            try:
+                await task
+            except asyncio.CancelledError:
+                pass
+        self._tasks = []
+        await self.cloud.close()
+
+    def kick(self) -> None:
+        self._wake.set()
+
+    async def _loop(self, step: Callable[[], Any], period: float) -> None:
+        while True:
+            try:
+                await step()
+            except Exception:
+                log.exception("master.loop_failed", step=step.__name__)
+            if step == self.schedule:
+                try:
+                    await asyncio.wait_for(self._wake.wait(), timeout=period)
+                except TimeoutError:
+                    pass
+                self._wake.clear()
+            else:
+                await asyncio.sleep(period)
+
+    async def recover(self) -> None:
+        """Rebuild from the store after a (re)start: reconcile machines, re-arm timers, re-queue."""
+        result = await self.resources.reconcile()
+        for entry in result.adopted:
+            self.workers.launched(entry.instance_id or "")
+        live = {entry.instance_id: entry for entry in await self.store.list_ledger(live_only=True)}
+        for job in await self.store.list_jobs():
+            if job.state.is_terminal():
+                for instance_id, entry in live.items():
+                    if entry.job_id == job.id and instance_id:
+                        await self.resources.terminate(instance_id, reason=f"job already {job.state}")
+                continue
+            if job.state.has_machine():
+                if job.instance_id in live:
+                    self.workers.pinged(job.instance_id)  # a full ping window to be heard from
+                else:
+                    await self.machine_lost(job.id, job.instance_id, "machine gone while the master was down")
+            elif job.state == JobState.PREEMPTED:
+                await self.transition(job.id, JobState.QUEUED, event="requeued", detail="after master restart")
+        log.info("master.recovered", adopted=len(result.adopted), vanished=len(result.vanished),
+                 strays=len(result.strays_terminated))
+
+    # --- state changes --------------------------------------------------------------------
+    async def transition(
+        self, job_id: str, target: JobState, *, attempt: int | None = None,
+        instance_id: str | None = None, event: str, detail: str = "",
+        update: Callable[[Job], dict[str, Any]] | None = None,
+    ) -> Job | None:
+        """Move a job to target if the state machine allows it and the message is current."""
+
+        def change(job: Job) -> Job | None:
+            if not can_transition(job.state, target):
+                return None
+            if attempt is not None and job.attempt != attempt:
+                return None
+            if instance_id is not None and job.instance_id != instance_id:
+                return None
+            fields: dict[str, Any] = {"state": target}
+            now = utcnow()
+            if job.state == JobState.RUNNING and job.running_since is not None:
+                fields["run_seconds"] = job.run_seconds + (now - job.running_since).total_seconds()
+                fields["running_since"] = None
+            if target == JobState.RUNNING:
+                fields["running_since"] = now
+                if job.started_at is None:
+                    fields["started_at"] = now
+            if target.is_terminal():
+                fields["finished_at"] = now
+            if update is not None:
+                fields.update(update(job))
+            return job.model_copy(update=fields)
+
+        try:
+            new = await self.store.mutate_job(job_id, change)
+        except NotFound:
+            log.warning("job.unknown", job_id=job_id, target=target)
+            return None
+        if new is None:
+            log.info("job.transition_ignored", job_id=job_id, target=target, cause=event)
+            return None
+        await self.store.add_event(JobEvent(job_id=job_id, kind=event, detail=detail))
+        log.info("job.state", job_id=job_id, state=new.state, cause=event, detail=detail)
+        return new
+
+    async def create_job(self, name: str | None) -> Job:
+        for _ in range(5):
+            try:
+                return await self.store.create_job(Job(id=new_job_id(), name=name))
+            except Exception:  # id clash: draw again
+                continue
+        raise RuntimeError("could not allocate a job id")
+
+    async def add_job(self, job_id: str, text: str) -> None:
+        try:
+            description = jdl.parse(text, filename=f"job {job_id}")
+        except jdl.JDLError as exc:
+            raise BadRequest(str(exc)) from None
+        if description.referenced_files() and not self.blobs.exists(f"jobs/{job_id}/input.tar.zst"):
+            raise BadRequest(f"job {job_id} has no uploaded sandbox (jobs/{job_id}/input.tar.zst)")
+        job = await self.store.get_job(job_id)
+        if job.state != JobState.SUBMITTING:
+            return  # added already: a repeated ADD_JOB changes nothing
+        await self.transition(
+            job_id, JobState.QUEUED, event="queued", detail=description.name or description.executable,
+            update=lambda _: {"jdl": text, "name": description.name or _.name},
+        )
+        self.kick()
+
+    async def cancel_job(self, job_id: str) -> None:
+        job = await self.store.get_job(job_id)
+        new = await self.transition(job_id, JobState.CANCELLED, event="cancelled", detail="by the user")
+        if new is not None and job.instance_id and job.state.has_machine():
+            await self._send_quietly(envelope(MessageType.STOP_JOB, StopJob(job_id=job_id, reason="cancelled"),
+                                              MASTER, worker_address(job.instance_id)))
+            await self._release(job_id, job.instance_id, reason="job cancelled")
+
+    async def _send_quietly(self, message: Envelope) -> None:
+        try:
+            await self.bus.send(message)
+        except (DeliveryError, MessageRejected) as exc:
+            log.warning("message.undelivered", type=message.type, recipient=message.recipient, error=str(exc))
+
+    async def _release(self, job_id: str, instance_id: str, reason: str) -> None:
+        self.workers.forget(instance_id)
+        entry = await self.resources.terminate(instance_id, reason)
+        if entry is not None and entry.cost:
+            await self.store.mutate_job(job_id, lambda job: job.model_copy(update={"cost": job.cost + entry.cost}))
+
+    # --- scheduling -------------------------------------------------------------------------
+    async def schedule(self) -> None:
+        queued = await self.store.list_jobs({JobState.QUEUED})
+        if not queued:
+            return
+        offers = await self.cloud.offers()
+        live_jobs = {entry.job_id for entry in await self.store.list_ledger(live_only=True)}
+        for job in queued:
+            if job.id in live_jobs:
+                continue  # a launch for it is already under way
+            description = jdl.parse(job.jdl)
+            types = list(description.instance_types) or [self.settings.default_instance_type]
+            placement = cheapest_spot(types, description.max_price, offers)
+            if placement is None:
+                log.info("job.waiting", job_id=job.id, reason="no market within the max price")
+                continue
+            try:
+                entry = await self.resources.launch(job.id, placement, description.max_price)
+            except CapacityError as exc:
+                log.info("launch.no_capacity", job_id=job.id, error=str(exc))
+                continue
+            assert entry.instance_id is not None
+            self.workers.launched(entry.instance_id)
+            placed = await self.transition(
+                job.id, JobState.PROVISIONING, event="provisioning",
+                detail=f"{placement.market} {placement.instance_type} in {placement.zone} at ${placement.price}/h",
+                update=lambda _: {"instance_id": entry.instance_id},
+            )
+            if placed is None:  # cancelled meanwhile
+                await self._release(job.id, entry.instance_id, reason="job no longer queued")
+
+    # --- worker events ----------------------------------------------------------------------
+    async def worker_started(self, instance_id: str) -> None:
+        entry = await self.resources.entry_for(instance_id)
+        if entry is None:
+            log.warning("worker.unknown_machine", instance_id=instance_id)
+            await self.cloud.terminate(instance_id)
+            return
+        job = await self.store.get_job(entry.job_id)
+        if self.workers.was_noticed(instance_id):
+            return  # about to be reclaimed: the job is restarted elsewhere at the notice's end
+        if job.state != JobState.PROVISIONING or job.instance_id != instance_id:
+            if job.instance_id == instance_id and job.state.has_machine():
+                await self.machine_lost(job.id, instance_id, "worker restarted on its machine")
+            elif job.state.is_terminal() or job.instance_id != instance_id:
+                await self._release(job.id, instance_id, reason="machine not needed")
+            return
+        checkpoints = [c.id for c in reversed(await self.store.list_checkpoints(job.id)) if not c.bad]
+        started = await self.transition(
+            job.id, JobState.STARTING, instance_id=instance_id, event="starting",
+            detail=f"on {instance_id}" + (f", restoring {checkpoints[0]}" if checkpoints else ", fresh start"),
+            update=lambda j: {
+                "attempt": j.attempt + 1,
+                "restarts": j.restarts + (1 if j.attempt > 0 else 0),
+                "restored_from": checkpoints[0] if checkpoints else None,
+            },
+        )
+        if started is None:
+            return
+        self.workers.pinged(instance_id)
+        body = StartJob(job_id=job.id, attempt=started.attempt, jdl=started.jdl, checkpoints=checkpoints,
+                        ping_interval=self.settings.ping_interval)
+        try:
+            await self.bus.send(envelope(MessageType.START_JOB, body, MASTER, worker_address(instance_id)))
+        except (DeliveryError, MessageRejected) as exc:
+            await self.machine_lost(job.id, instance_id, f"cannot reach its worker: {exc}")
+
+    async def pinged(self, ping: Ping) -> None:
+        entry = await self.resources.entry_for(ping.instance_id)
+        if entry is None:
+            return  # a late ping from a machine already let go
+        self.workers.pinged(ping.instance_id)
+        if not ping.job_id:
+            return
+        for bad in ping.bad_checkpoints:
+            await self.store.mark_checkpoint_bad(ping.job_id, bad)
+        if ping.phase == "running":
+            detail = f"attempt {ping.attempt}, " + (f"restored from {ping.restored_from}" if ping.restored_from else "fresh start")
+            if ping.bad_checkpoints:
+                detail += f"; unusable checkpoints: {', '.join(ping.bad_checkpoints)}"
+            await self.transition(ping.job_id, JobState.RUNNING, attempt=ping.attempt, instance_id=ping.instance_id,
+                                  event="running", detail=detail, update=lambda _: {"restored_from": ping.restored_from})
+
+    async def checkpoint_done(self, record: CheckpointRecord, final: bool, instance_id: str) -> None:
+        job = await self.store.get_job(record.job_id)
+        if job.attempt != record.attempt or job.state.is_terminal():
+            log.info("checkpoint.stale", job_id=job.id, checkpoint=record.id)
+            return
+        if await self.store.add_checkpoint(record):
+            await self.store.mutate_job(job.id, lambda j: j.model_copy(update={
+                "checkpoints": j.checkpoints + 1,
+                "last_checkpoint": max(record.id, j.last_checkpoint or ""),
+            }))
+            await self.store.add_event(JobEvent(
+                job_id=job.id, kind="checkpoint",
+                detail=f"{record.id} ({record.reason}): {record.size_bytes} bytes, pause {record.pause_seconds:.2f}s, "
+                       f"upload {record.upload_seconds:.2f}s",
+            ))
+        if final and job.instance_id:
+            await self.machine_lost(job.id, job.instance_id, "spot interruption notice (checkpointed)", spot=True)
+
+    async def spot_notice(self, instance_id: str, action_time: float) -> None:
+        entry = await self.resources.entry_for(instance_id)
+        if entry is None:
+            return
+        self.workers.noticed(instance_id, action_time)
+        await self.store.add_event(JobEvent(job_id=entry.job_id, kind="spot-notice", detail=f"on {instance_id}"))
+
+    async def job_finished(self, job_id: str, attempt: int, ok: bool, update: dict[str, Any], detail: str) -> None:
+        target = JobState.COMPLETED if ok else JobState.FAILED
+        job = await self.store.get_job(job_id)
+        new = await self.transition(job_id, target, attempt=attempt, event=target.lower(), detail=detail,
+                                    update=lambda _: update)
+        if new is not None and job.instance_id:
+            await self._release(job_id, job.instance_id, reason=f"job {target.lower()}")
+
+    async def check_workers(self) -> None:
+        for instance_id in self.workers.dead():
+            entry = await self.resources.entry_for(instance_id)
+            if entry is None:
+                continue
+            spot = self.workers.was_noticed(instance_id)
+            reason = "spot capacity reclaimed" if spot else "worker stopped answering"
+            await self.machine_lost(entry.job_id, instance_id, reason, spot=spot)
+
+    async def machine_lost(self, job_id: str, instance_id: str | None, reason: str, spot: bool = False) -> None:
+        """The job's machine is gone or going: release it and queue the job again."""
+        lost = await self.transition(
+            job_id, JobState.PREEMPTED, instance_id=instance_id, event="preempted" if spot else "machine-lost",
+            detail=reason, update=lambda j: {"preemptions": j.preemptions + (1 if spot else 0), "instance_id": None},
+        )
+        if instance_id:
+            await self._release(job_id, instance_id, reason=reason)
+        if lost is not None:
+            await self.transition(job_id, JobState.QUEUED, event="requeued", detail="restart from the newest good checkpoint")
+            self.kick()
+
+    # --- views ------------------------------------------------------------------------------
+    async def job_view(self, job: Job) -> dict[str, Any]:
+        view = job.model_dump(mode="json", exclude={"jdl"})
+        runtime = job.run_seconds
+        if job.state == JobState.RUNNING and job.running_since is not None:
+            runtime += (utcnow() - job.running_since).total_seconds()
+        view["runtime_seconds"] = runtime
+        view["cost_so_far"] = job.cost + await self.resources.machine_cost_so_far(job.id)
+        return view

@@ -1,0 +1,178 @@
+"""Message envelope, one body model per message type, and the handler registry.
+
+Handlers are idempotent on the envelope id: the dispatcher drops an id it has already seen.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime
+from enum import StrEnum
+from typing import Any, Awaitable, Callable, Generic, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from cbas.models import utcnow
+
+MASTER = "master"
+
+
+def worker_address(instance_id: str) -> str:
+    return f"worker/{instance_id}"
+
+
+class MessageType(StrEnum):
+    ADD_JOB = "ADD_JOB"
+    CANCEL_JOB = "CANCEL_JOB"
+    WORKER_STARTED = "WORKER_STARTED"
+    START_JOB = "START_JOB"
+    PING = "PING"
+    CHECKPOINT_DONE = "CHECKPOINT_DONE"
+    SPOT_NOTICE = "SPOT_NOTICE"
+    JOB_DONE = "JOB_DONE"
+    JOB_FAILED = "JOB_FAILED"
+    STOP_JOB = "STOP_JOB"
+
+
+class Envelope(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(default_factory=lambda: secrets.token_hex(12), min_length=8, max_length=64)
+    type: MessageType
+    sender: str = Field(max_length=128)
+    recipient: str = Field(max_length=128)
+    sent_at: datetime = Field(default_factory=utcnow)
+    body: dict[str, Any] = Field(default_factory=dict)
+
+
+class _Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class AddJob(_Body):
+    job_id: str
+    jdl: str
+
+
+class CancelJob(_Body):
+    job_id: str
+
+
+class WorkerStarted(_Body):
+    instance_id: str
+
+
+class StartJob(_Body):
+    job_id: str
+    attempt: int
+    jdl: str
+    checkpoints: list[str] = Field(default_factory=list)  # good ones to restore, newest first
+    ping_interval: float
+
+
+class Ping(_Body):
+    instance_id: str
+    job_id: str | None = None
+    attempt: int = 0
+    phase: str = "idle"  # idle | starting | running | finishing
+    restored_from: str | None = None  # the checkpoint this attempt really started from
+    bad_checkpoints: list[str] = Field(default_factory=list)  # failed verification on restore
+
+
+class CheckpointDone(_Body):
+    job_id: str
+    attempt: int
+    checkpoint_id: str
+    manifest_key: str
+    size_bytes: int
+    pause_seconds: float
+    upload_seconds: float
+    reason: str
+    final: bool = False  # taken on a spot notice; the job is stopped after it
+
+
+class SpotNotice(_Body):
+    instance_id: str
+    job_id: str | None = None
+    action: str
+    action_time: datetime
+
+
+class JobDone(_Body):
+    job_id: str
+    attempt: int
+    exit_code: int = 0
+    missing_outputs: list[str] = Field(default_factory=list)
+
+
+class JobFailed(_Body):
+    job_id: str
+    attempt: int
+    exit_code: int | None = None
+    reason: str
+    stderr_tail: str = ""
+
+
+class StopJob(_Body):
+    job_id: str
+    reason: str = ""
+
+
+BODY_MODELS: dict[MessageType, type[_Body]] = {
+    MessageType.ADD_JOB: AddJob,
+    MessageType.CANCEL_JOB: CancelJob,
+    MessageType.WORKER_STARTED: WorkerStarted,
+    MessageType.START_JOB: StartJob,
+    MessageType.PING: Ping,
+    MessageType.CHECKPOINT_DONE: CheckpointDone,
+    MessageType.SPOT_NOTICE: SpotNotice,
+    MessageType.JOB_DONE: JobDone,
+    MessageType.JOB_FAILED: JobFailed,
+    MessageType.STOP_JOB: StopJob,
+}
+
+
+def envelope(type_: MessageType, body: _Body, sender: str, recipient: str) -> Envelope:
+    return Envelope(type=type_, sender=sender, recipient=recipient, body=body.model_dump(mode="json"))
+
+
+class UnroutableMessage(ValueError):
+    """A message this endpoint has no handler for, or whose body is not of its type."""
+
+
+BodyT = TypeVar("BodyT", bound=_Body)
+ContextT = TypeVar("ContextT")
+Handler = Callable[[ContextT, Envelope, Any], Awaitable[None]]
+
+
+class MessageRegistry(Generic[ContextT]):
+    """Maps each message type to one handler; filled with the @registry.handler decorator."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[MessageType, Handler[ContextT]] = {}
+
+    def handler(self, type_: MessageType) -> Callable[[Handler[ContextT]], Handler[ContextT]]:
+        def register(func: Handler[ContextT]) -> Handler[ContextT]:
+            if type_ in self._handlers:
+                raise ValueError(f"two handlers for {type_}")
+            self._handlers[type_] = func
+            return func
+
+        return register
+
+    def types(self) -> frozenset[MessageType]:
+        return frozenset(self._handlers)
+
+    def parse_body(self, message: Envelope) -> _Body:
+        if message.type not in self._handlers:
+            raise UnroutableMessage(f"this endpoint does not handle {message.type} messages")
+        try:
+            return BODY_MODELS[message.type].model_validate(message.body)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(part) for part in first["loc"]) or "body"
+            raise UnroutableMessage(f"{message.type} body is invalid at {where}: {first['msg']}") from None
+
+    async def dispatch(self, context: ContextT, message: Envelope) -> None:
+        body = self.parse_body(message)
+        await self._handlers[message.type](context, message, body)

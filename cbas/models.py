@@ -1,0 +1,121 @@
+"""Records kept in the job store. Every record carries a version for conditional writes."""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from enum import StrEnum
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from cbas.state import JobState
+
+Market = Literal["spot", "on-demand"]
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class Job(BaseModel):
+    id: str
+    state: JobState = JobState.SUBMITTING
+    version: int = 0
+    name: str | None = None
+    jdl: str = ""
+    submitted_at: datetime = Field(default_factory=utcnow)
+    updated_at: datetime = Field(default_factory=utcnow)
+    started_at: datetime | None = None  # first time it ran
+    finished_at: datetime | None = None
+    instance_id: str | None = None  # the machine working for it now
+    attempt: int = 0  # bumped at every START_JOB; messages from older attempts are stale
+    restarts: int = 0  # starts after the first one
+    preemptions: int = 0
+    checkpoints: int = 0
+    last_checkpoint: str | None = None
+    restored_from: str | None = None  # checkpoint the current attempt started from
+    run_seconds: float = 0.0  # seconds spent RUNNING, summed over attempts
+    running_since: datetime | None = None
+    cost: float = 0.0  # USD of machines already terminated
+    exit_code: int | None = None
+    error: str | None = None
+    stderr_tail: str | None = None
+    missing_outputs: list[str] = Field(default_factory=list)
+
+
+class LedgerState(StrEnum):
+    LAUNCHING = "LAUNCHING"  # written before the cloud call: a crash here is reconciled
+    RUNNING = "RUNNING"
+    TERMINATED = "TERMINATED"
+
+
+class LedgerEntry(BaseModel):
+    """The ResourceManager's record of one machine it asked for; no machine exists without one."""
+
+    id: str  # also the cloud's idempotency token and the cbas:ledger tag
+    job_id: str
+    state: LedgerState = LedgerState.LAUNCHING
+    version: int = 0
+    instance_id: str | None = None
+    market: Market = "spot"
+    zone: str = ""
+    instance_type: str = ""
+    price: float = 0.0  # USD per hour
+    created_at: datetime = Field(default_factory=utcnow)
+    launched_at: datetime | None = None
+    terminated_at: datetime | None = None
+    cost: float = 0.0
+    reason: str | None = None  # why it ended
+
+
+class CheckpointRecord(BaseModel):
+    job_id: str
+    id: str  # sortable: a<attempt>-n<number>
+    attempt: int
+    manifest_key: str
+    size_bytes: int
+    pause_seconds: float
+    upload_seconds: float
+    reason: str  # interval | notice | final
+    created_at: datetime = Field(default_factory=utcnow)
+    bad: bool = False  # failed verification on restore; never used again
+
+
+class JobEvent(BaseModel):
+    job_id: str
+    at: datetime = Field(default_factory=utcnow)
+    kind: str
+    detail: str = ""
+
+
+class Machine(BaseModel):
+    """A machine as the cloud reports it."""
+
+    instance_id: str
+    zone: str
+    instance_type: str
+    market: Market
+    price: float
+    state: Literal["pending", "running", "terminated"] = "running"
+    tags: dict[str, str] = Field(default_factory=dict)
+    launched_at: datetime = Field(default_factory=utcnow)
+
+
+class Offer(BaseModel):
+    """What one market (zone x instance type) offers right now."""
+
+    zone: str
+    instance_type: str
+    spot_price: float
+    ondemand_price: float
+    available: bool
+
+
+class LaunchSpec(BaseModel):
+    ledger_id: str
+    job_id: str
+    instance_type: str
+    zone: str
+    market: Market
+    max_price: float | None = None
+    tags: dict[str, str] = Field(default_factory=dict)

@@ -1,0 +1,1 @@
+"""Pure scheduling: placement policies and the spot trace reader."""

@@ -1,0 +1,66 @@
+"""All configuration in one pydantic-settings model, built once in the CLI and passed down.
+
+Every field can be set from the environment as CBAS_<NAME> (CBAS_HOME, CBAS_PING_INTERVAL, ...).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+def _default_home() -> Path:
+    return Path.home() / ".cbas"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="CBAS_", extra="ignore")
+
+    home: Path = Field(default_factory=_default_home, description="state of the local backend")
+    backend: Literal["local", "aws"] = "local"
+    cluster: str = "default"  # tag value that marks this installation's machines
+
+    # master
+    master_host: str = "127.0.0.1"
+    master_port: int = 0  # 0: pick a free port and publish it in <home>/master.json
+    ping_interval: float = 30.0  # seconds between worker pings
+    ping_missed_max: int = 4  # a worker is dead after this many missed pings
+    boot_timeout: float = 300.0  # seconds for a launched machine's worker to announce itself
+    schedule_interval: float = 5.0  # seconds between scheduler passes over queued jobs
+    default_instance_type: str = "m5.large"
+    seen_message_window: float = 86400.0  # seconds a message id is remembered
+
+    # worker
+    notice_poll_interval: float = 5.0  # seconds between spot/instance-action polls
+    log_upload_interval: float = 5.0
+    job_user: str = "nobody"  # jobs run as this user when the worker runs as root
+    signal_checkpoint_timeout: float = 60.0
+
+    # local backend
+    machines_dir: Path | None = None  # each local machine's disk; see machines_root()
+    market_time_scale: float = 60.0  # simulated seconds per wall second
+    market_notice_seconds: float | None = None  # wall seconds of the 2-minute notice
+    market_seed: int | None = None
+    market_trace: Path | None = None  # replay this trace instead of the built-in model
+
+    log_level: str = "INFO"
+
+    def machines_root(self) -> Path:
+        """Local machines' disks. As root they must be reachable by the job user, so not ~root."""
+        if self.machines_dir is not None:
+            return self.machines_dir
+        if os.geteuid() == 0:
+            return Path("/var/tmp/cbas-machines")
+        return self.home / "machines"
+
+    def notice_seconds(self) -> float:
+        if self.market_notice_seconds is not None:
+            return self.market_notice_seconds
+        return 120.0 / self.market_time_scale
+
+    def dead_after(self) -> float:
+        return self.ping_interval * self.ping_missed_max

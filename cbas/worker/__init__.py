@@ -1,0 +1,1 @@
+"""The worker daemon that runs on every machine."""

@@ -1,0 +1,169 @@
+"""The worker daemon: announces its machine, runs the job it is given, pings, watches for notices."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from datetime import datetime
+from pathlib import Path
+
+import structlog
+from aiohttp import web
+
+from cbas.backends import BlobStore, InvalidMessage, MessageBus
+from cbas.messages import (
+    MASTER, Envelope, MessageRegistry, MessageType, Ping, SpotNotice, StartJob, StopJob, UnroutableMessage,
+    WorkerStarted, envelope, worker_address,
+)
+from cbas.settings import Settings
+from cbas.worker.imds import MetadataClient
+from cbas.worker.job_run import JobRun
+from cbas.worker.outbox import Outbox
+
+log = structlog.get_logger(__name__)
+
+registry: MessageRegistry["Worker"] = MessageRegistry()
+
+
+class Worker:
+    def __init__(
+        self, settings: Settings, instance_id: str, disk: Path, metadata: MetadataClient, blobs: BlobStore,
+        bus: MessageBus,
+    ) -> None:
+        self.settings = settings
+        self.instance_id = instance_id
+        self.address = worker_address(instance_id)
+        self.disk = disk
+        self.metadata = metadata
+        self.blobs = blobs
+        self.bus = bus
+        self.outbox = Outbox(bus)
+        self.job: JobRun | None = None
+        self._job_task: asyncio.Task[None] | None = None
+        self.noticed = False
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _message(self, type_: MessageType, body: object) -> Envelope:
+        return envelope(type_, body, self.address, MASTER)  # type: ignore[arg-type]
+
+    def _background(self, coro: object) -> None:
+        task = asyncio.create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # --- HTTP endpoint ------------------------------------------------------------------------
+    async def receive(self, request: web.Request) -> web.Response:
+        try:
+            message = self.bus.parse_delivery(await request.read())
+        except InvalidMessage as exc:
+            log.warning("message.rejected", reason=str(exc))
+            return web.json_response({"error": f"message rejected: {exc}"}, status=403)
+        if message.recipient != self.address:
+            return web.json_response({"error": f"this is {self.address}, not {message.recipient}"}, status=400)
+        try:
+            await registry.dispatch(self, message)
+        except UnroutableMessage as exc:
+            return web.json_response({"error": str(exc)}, status=400)
+        return web.json_response({"ok": True})
+
+    # --- jobs ---------------------------------------------------------------------------------
+    def start_job(self, start: StartJob) -> None:
+        if self.noticed:
+            log.info("job.not_started", job_id=start.job_id, reason="this machine has its interruption notice")
+            return
+        if self.job is not None and (self.job.job_id, self.job.start.attempt) == (start.job_id, start.attempt):
+            return  # the same START_JOB again
+        if self.job is not None:
+            self.job.stop()
+        self.job = JobRun(self.settings, self.instance_id, self.disk, self.blobs, start, self.outbox.deliver)
+        self._job_task = asyncio.create_task(self._run_job(self.job))
+
+    async def _run_job(self, job: JobRun) -> None:
+        await self.ping()  # tell the master at once that the job is starting
+        runner = asyncio.create_task(job.run())
+        while not runner.done():
+            await asyncio.sleep(0.05)
+            if job.phase == "running":
+                await self.ping()
+                break
+        await runner
+
+    async def ping(self) -> None:
+        job = self.job
+        body = Ping(
+            instance_id=self.instance_id,
+            job_id=job.job_id if job else None,
+            attempt=job.start.attempt if job else 0,
+            phase=job.phase if job else "idle",
+            restored_from=job.restored_from if job else None,
+            bad_checkpoints=job.bad_checkpoints if job else [],
+        )
+        await self.outbox.try_once(self._message(MessageType.PING, body))
+
+    async def _pinger(self) -> None:
+        while True:
+            interval = self.job.start.ping_interval if self.job else self.settings.ping_interval
+            await asyncio.sleep(interval)
+            await self.ping()
+
+    async def _notice_watcher(self) -> None:
+        while not self.noticed:
+            try:
+                action = await self.metadata.spot_action()
+            except Exception as exc:  # the endpoint may hiccup; keep watching
+                log.warning("metadata.unreachable", error=str(exc))
+                action = None
+            if action:
+                self.noticed = True
+                log.warning("spot.notice", action=action)
+                when = datetime.fromisoformat(str(action.get("time", "")).replace("Z", "+00:00"))
+                job = self.job
+                self._background(self.outbox.deliver(self._message(MessageType.SPOT_NOTICE, SpotNotice(
+                    instance_id=self.instance_id, job_id=job.job_id if job else None,
+                    action=str(action.get("action", "terminate")), action_time=when))))
+                if job is not None:
+                    await job.on_notice()
+                return
+            await asyncio.sleep(self.settings.notice_poll_interval)
+
+    # --- lifecycle ----------------------------------------------------------------------------
+    async def run(self) -> None:
+        app = web.Application(client_max_size=1 << 20)
+        app.router.add_post("/messages", self.receive)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await self.bus.subscribe(self.address, f"http://127.0.0.1:{port}/messages")
+            await self.outbox.deliver(self._message(MessageType.WORKER_STARTED, WorkerStarted(instance_id=self.instance_id)))
+            log.info("worker.started", instance_id=self.instance_id, port=port)
+            self._background(self._pinger())
+            self._background(self._notice_watcher())
+            await stop.wait()
+        finally:
+            if self.job is not None:
+                self.job.stop()
+            for task in list(self._tasks) + ([self._job_task] if self._job_task else []):
+                task.cancel()
+            await self.bus.unsubscribe(self.address)
+            await runner.cleanup()
+            await self.metadata.close()
+            await self.bus.close()
+
+
+@registry.handler(MessageType.START_JOB)
+async def on_start_job(worker: Worker, message: Envelope, body: StartJob) -> None:
+    worker.start_job(body)
+
+
+@registry.handler(MessageType.STOP_JOB)
+async def on_stop_job(worker: Worker, message: Envelope, body: StopJob) -> None:
+    if worker.job is not None and worker.job.job_id == body.job_id:
+        log.info("job.stopping", job_id=body.job_id, reason=body.reason)
+        worker.job.stop()
