@@ -23,8 +23,9 @@ from cbas.backends import BlobNotFound
 from cbas.client import ApiError, MasterClient, MasterUnavailable
 from cbas.settings import Settings
 
-console = Console()
-err_console = Console(stderr=True)
+# piped output is not squeezed to 80 columns (rich's default without a terminal)
+console = Console(width=None if sys.stdout.isatty() else 200)
+err_console = Console(stderr=True, width=None if sys.stderr.isatty() else 200)
 
 STATE_STYLE = {
     "SUBMITTING": "dim", "QUEUED": "yellow", "PROVISIONING": "yellow", "STARTING": "cyan", "RUNNING": "green",
@@ -137,7 +138,10 @@ def status(ctx: click.Context, job_id: str | None, as_json: bool) -> None:
         return
     table = Table(title=None)
     for column in ("id", "name", "state", "restarts", "preempted", "checkpoints", "runtime", "cost $"):
-        table.add_column(column, justify="right" if column in ("restarts", "preempted", "checkpoints", "cost $") else "left")
+        numeric = column in ("restarts", "preempted", "checkpoints", "cost $")
+        # ids and states are what scripts and eyes look for: never cut them short
+        table.add_column(column, justify="right" if numeric else "left", no_wrap=column != "name",
+                         min_width=12 if column == "state" else None)
     for job in jobs:
         state = job["state"]
         table.add_row(

@@ -38,6 +38,13 @@ class Backends:
     cloud: Cloud
 
 
+def allowed_types(requested: list[str], default: str, offered: list[str]) -> list[str]:
+    """The job's instance types that exist; without a request, the default type or any type."""
+    if requested:
+        return [kind for kind in requested if kind in offered]
+    return [default] if default in offered else offered
+
+
 def new_job_id() -> str:
     return secrets.token_hex(4)
 
@@ -213,7 +220,16 @@ class Master:
             if job.id in live_jobs:
                 continue  # a launch for it is already under way
             description = jdl.parse(job.jdl)
-            types = list(description.instance_types) or [self.settings.default_instance_type]
+            offered = sorted({offer.instance_type for offer in offers})
+            types = allowed_types(list(description.instance_types), self.settings.default_instance_type, offered)
+            if not types:
+                await self.transition(
+                    job.id, JobState.FAILED, event="failed",
+                    detail=f"no market offers {', '.join(description.instance_types)} (offered: {', '.join(offered)})",
+                    update=lambda _: {"error": f"InstanceTypes {list(description.instance_types)} are not offered; "
+                                               f"offered types: {', '.join(offered)}"},
+                )
+                continue
             placement = cheapest_spot(types, description.max_price, offers)
             if placement is None:
                 log.info("job.waiting", job_id=job.id, reason="no market within the max price")

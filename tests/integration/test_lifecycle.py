@@ -1,0 +1,163 @@
+"""Jobs through the whole system: real master, real machines, real checkpoints."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import CALM, Cluster, expected_counter
+from tests.processes import wait_until_gone
+
+pytestmark = pytest.mark.integration
+
+
+def fetch_output(cluster: Cluster, job_id: str) -> Path:
+    out = cluster.home / "fetched" / job_id
+    result = cluster.cli("fetch", job_id, "-o", str(out))
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+def test_a_job_completes_and_its_output_can_be_fetched(cluster: Cluster) -> None:
+    cluster.market(CALM)
+    cluster.start_master()
+    job_id = cluster.submit(cluster.job_dir("quick", n=20, delay=0.02))
+    job = cluster.wait(job_id)
+    assert job["state"] == "COMPLETED", job
+    assert (job["restarts"], job["preemptions"]) == (0, 0)
+    out = fetch_output(cluster, job_id)
+    assert (out / "output.txt").read_text() == expected_counter(20)
+    assert "done: counted to 20" in (out / "stdout").read_text()
+    logs = cluster.cli("logs", job_id)
+    assert logs.returncode == 0 and "done: counted to 20" in logs.stdout
+    status = cluster.cli("status", job_id, "--json")
+    assert '"state": "COMPLETED"' in status.stdout
+    table = cluster.cli("status")
+    assert job_id in table.stdout and "COMPLETED" in table.stdout
+    assert job["cost_so_far"] > 0
+    cluster.assert_nothing_left()
+
+
+def test_a_job_preempted_twice_resumes_from_its_checkpoints(cluster: Cluster) -> None:
+    # simulated seconds since the master opened the market: the cheapest zone loses its
+    # capacity at 10 s, the next one at 20 s; the dearest one never does
+    cluster.market({
+        ("z1", "c5.large"): (0.020, 0.085, [(0.0, True), (10.0, False)]),
+        ("z2", "c5.large"): (0.025, 0.085, [(0.0, True), (20.0, False)]),
+        ("z3", "c5.large"): (0.040, 0.085, [(0.0, True)]),
+    })
+    cluster.start_master()
+    job_id = cluster.submit(cluster.job_dir("survivor", n=250, delay=0.1, interval=1))
+    job = cluster.wait(job_id, timeout=120)
+    assert job["state"] == "COMPLETED", job["events"]
+    assert job["preemptions"] == 2 and job["restarts"] == 2
+    zones = [e["detail"] for e in job["events"] if e["kind"] == "provisioning"]
+    assert [z.split(" in ")[1].split()[0] for z in zones] == ["z1", "z2", "z3"]
+    notices = [e for e in job["events"] if e["kind"] == "preempted"]
+    assert all("checkpointed" in e["detail"] for e in notices)
+    out = fetch_output(cluster, job_id)
+    assert (out / "output.txt").read_text() == expected_counter(250)
+    resumed = [int(n) for n in re.findall(r"resuming at (\d+)", (out / "stdout").read_text())]
+    assert len(resumed) == 2 and 0 < resumed[0] < resumed[1] < 250  # never from zero
+    assert job["restored_from"] is not None
+    cluster.assert_nothing_left()
+
+
+def test_a_failing_job_reports_its_exit_code_and_stderr(cluster: Cluster) -> None:
+    cluster.market(CALM)
+    cluster.start_master()
+    folder = cluster.home / "failing"
+    folder.mkdir()
+    (folder / "job.jdl").write_text('Executable = "/bin/sh"; Arguments = "-c \'echo almost >&2; echo broken >&2; exit 4\'";')
+    job_id = cluster.submit(folder / "job.jdl")
+    job = cluster.wait(job_id)
+    assert job["state"] == "FAILED"
+    assert job["exit_code"] == 4
+    assert job["stderr_tail"].splitlines()[-2:] == ["almost", "broken"]
+    shown = cluster.cli("status", job_id)
+    assert "exit code 4" in shown.stdout and "broken" in shown.stdout
+    assert cluster.cli("fetch", job_id, "-o", str(cluster.home / "f")).returncode == 1  # fetched, but failed
+    cluster.assert_nothing_left()
+
+
+def test_cancel_while_running_terminates_the_machine_and_every_process(cluster: Cluster) -> None:
+    cluster.market(CALM)
+    cluster.start_master()
+    job_id = cluster.submit(cluster.job_dir("long", n=10000, delay=0.1))
+    cluster.wait(job_id, ("RUNNING",))
+    groups = cluster.process_groups()
+    assert len(groups) == 2  # the machine and the job
+    result = cluster.cli("cancel", job_id)
+    assert result.returncode == 0, result.stderr
+    job = cluster.wait(job_id)
+    assert job["state"] == "CANCELLED"
+    assert wait_until_gone(groups) == []
+    cluster.assert_nothing_left()
+    assert all(m["state"] == "TERMINATED" for m in job["machines"])
+
+
+def test_master_killed_and_restarted_mid_job_loses_nothing(cluster: Cluster) -> None:
+    cluster.market(CALM)
+    cluster.start_master()
+    job_id = cluster.submit(cluster.job_dir("durable", n=80, delay=0.1, interval=1))
+    cluster.wait(job_id, ("RUNNING",))
+    machines = cluster.running_machines()
+    cluster.kill_master(signal.SIGKILL)
+    time.sleep(1.0)  # the job goes on without a master
+    cluster.start_master()
+    job = cluster.wait(job_id)
+    assert job["state"] == "COMPLETED", job["events"]
+    assert job["restarts"] == 0  # the running machine was adopted, not replaced
+    assert [m["instance_id"] for m in job["machines"]] == machines
+    out = fetch_output(cluster, job_id)
+    assert (out / "output.txt").read_text() == expected_counter(80)
+    cluster.assert_nothing_left()
+
+
+def test_a_machine_launched_before_a_master_crash_is_not_leaked(cluster: Cluster) -> None:
+    """A machine the ledger does not know (as after a crash inside launch) is terminated."""
+    cluster.market(CALM)
+    cluster.start_master()
+    job_id = cluster.submit(cluster.job_dir("leak", n=10000, delay=0.1))
+    cluster.wait(job_id, ("RUNNING",))
+    cluster.kill_master(signal.SIGKILL)
+    import sqlite3
+
+    with sqlite3.connect(cluster.home / "cbas.db") as db:  # forget the machine, as a lost write would
+        db.execute("DELETE FROM ledger")
+    [stray] = cluster.running_machines()
+    cluster.start_master()
+    deadline = time.monotonic() + 20
+    while stray in cluster.running_machines() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert stray not in cluster.running_machines()
+    job = cluster.wait(job_id, ("RUNNING",), timeout=30)  # and the job runs again elsewhere
+    assert job["instance_id"] != stray
+    cluster.cli("cancel", job_id)
+    cluster.wait(job_id)
+    cluster.assert_nothing_left()
+
+
+def test_a_worker_that_stops_pinging_is_declared_dead_and_the_job_restarts(cluster: Cluster) -> None:
+    cluster.market(CALM)
+    cluster.start_master()
+    job_id = cluster.submit(cluster.job_dir("frozen", n=60, delay=0.1, interval=1))
+    job = cluster.wait(job_id, ("RUNNING",))
+    first = job["instance_id"]
+    [record] = [r for r in cluster.records() if r.machine.instance_id == first]
+    groups = cluster.process_groups()
+    os.killpg(record.pgid, signal.SIGSTOP)  # the worker freezes; its job goes on, unheard
+    job = cluster.wait(job_id)
+    assert job["state"] == "COMPLETED", job["events"]
+    lost = [e for e in job["events"] if e["kind"] == "machine-lost"]
+    assert lost and "stopped answering" in lost[0]["detail"]
+    assert job["restarts"] == 1 and job["instance_id"] != first
+    assert wait_until_gone(groups) == []  # the frozen machine and its job were killed
+    out = fetch_output(cluster, job_id)
+    assert (out / "output.txt").read_text() == expected_counter(60)
+    cluster.assert_nothing_left()
