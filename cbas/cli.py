@@ -301,6 +301,8 @@ def demo(keep: bool, trace: Path | None, seed: int | None, time_scale: float | N
 
     Starts a master with a fast simulated spot market, submits examples/counter, shows progress,
     fetches the output and checks it equals an uninterrupted run. Exit 0 only if it does.
+
+    Example: cbas demo --keep   (keeps its state folder to look at afterwards)
     """
     from cbas.demo import run_demo
 

@@ -1,0 +1,88 @@
+"""Bad input through the real command line: a clear error, the documented exit code, no change."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.integration.conftest import CALM, Cluster
+
+pytestmark = pytest.mark.integration
+
+
+def test_a_broken_jdl_names_file_line_and_column(cluster: Cluster) -> None:
+    bad = cluster.home / "bad.jdl"
+    bad.write_text('Executable = "x";\nInputSandbx = {"a"};\n')
+    result = cluster.cli("submit", str(bad))
+    assert result.returncode == 2
+    assert f"{bad}:2:1: unknown key 'InputSandbx'; did you mean InputSandbox?" in result.stderr
+
+
+def test_no_master_is_exit_code_3_with_a_hint(cluster: Cluster) -> None:
+    for args in (["status"], ["submit", str(cluster.job_dir("x", n=1))], ["logs", "abc"]):
+        result = cluster.cli(*args)
+        assert result.returncode == 3, (args, result.stderr)
+        assert "no master is running" in result.stderr and "cbas master" in result.stderr
+
+
+def test_missing_files_stop_the_submission_before_anything_happens(cluster: Cluster) -> None:
+    cluster.market(CALM)
+    cluster.start_master()
+    jdl_path = cluster.job_dir("missing", n=5)
+    (jdl_path.parent / "input.txt").unlink()
+    (jdl_path.parent / "job.jdl").write_text(jdl_path.read_text() + 'Prologue = {"setup.sh"};\n')
+    result = cluster.cli("submit", str(jdl_path))
+    assert result.returncode == 2
+    assert "InputSandbox file 'input.txt' not found" in result.stderr
+    assert "Prologue file 'setup.sh' not found" in result.stderr  # every missing file at once
+    assert json.loads(cluster.cli("status", "--json").stdout) == []
+    assert not (cluster.home / "blobs" / "jobs").exists() or not any((cluster.home / "blobs" / "jobs").iterdir())
+
+
+@pytest.mark.parametrize("command", ["status", "logs", "cancel", "fetch"])
+def test_unknown_job_ids_are_a_clear_error(cluster: Cluster, command: str) -> None:
+    cluster.market(CALM)
+    cluster.start_master()
+    result = cluster.cli(command, "nosuchjob")
+    assert result.returncode == 2
+    assert "no job with id 'nosuchjob'" in result.stderr
+
+
+def test_one_master_per_home(cluster: Cluster) -> None:
+    cluster.market(CALM)
+    master = cluster.start_master()
+    second = cluster.cli("master", timeout=30)
+    assert second.returncode == 3
+    assert f"a master is already running for {cluster.home} (pid {master.pid}" in second.stderr
+
+
+def test_fetching_an_unfinished_job_says_so(cluster: Cluster) -> None:
+    cluster.market(CALM)
+    cluster.start_master()
+    job_id = cluster.submit(cluster.job_dir("slow", n=1000, delay=0.1))
+    result = cluster.cli("fetch", job_id)
+    assert result.returncode == 1 and "can be fetched once it has finished" in result.stderr
+    cluster.cli("cancel", job_id)
+    cluster.wait(job_id)
+
+
+@pytest.mark.parametrize("command", ["submit", "status", "logs", "cancel", "fetch", "master", "demo"])
+def test_every_command_explains_itself_with_an_example(command: str) -> None:
+    result = subprocess.run([sys.executable, "-m", "cbas", command, "--help"], capture_output=True, text=True)
+    assert result.returncode == 0
+    assert "Example" in result.stdout
+
+
+def test_logs_follow_prints_until_the_job_ends(cluster: Cluster) -> None:
+    cluster.market(CALM)
+    cluster.start_master()
+    job_id = cluster.submit(cluster.job_dir("chatty", n=40, delay=0.05))
+    followed = cluster.cli("logs", job_id, "-f", timeout=60)
+    assert followed.returncode == 0
+    assert followed.stdout.startswith("starting: counting to 40")
+    assert followed.stdout.rstrip().endswith("done: counted to 40")
+    assert cluster.job(job_id)["state"] == "COMPLETED"
