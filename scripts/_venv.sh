@@ -16,10 +16,14 @@ stamp="$venv/.cbas-installed"
 want="$(sha256sum "$root/pyproject.toml" | cut -d' ' -f1)"
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ]; then
   echo "Installing CBAS and its dependencies into $venv ..."
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip 2>/dev/null
-  "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[dev]" 2>&1 \
-    | grep -v "is ignored: it is neither a file nor a directory" || true
-  "$venv/bin/python" -c 'import cbas' || { echo "installation failed" >&2; exit 1; }
+  log="$venv/pip-install.log"
+  if ! { "$venv/bin/python" -m pip install -q --disable-pip-version-check --upgrade pip \
+         && "$venv/bin/python" -m pip install -q --disable-pip-version-check -e "$root[dev]"; } >"$log" 2>&1; then
+    echo "installation failed; the end of $log:" >&2
+    grep -v "is ignored: it is neither a file nor a directory" "$log" | tail -n 30 >&2
+    exit 1
+  fi
+  "$venv/bin/python" -c 'import cbas' || { echo "installation failed: cbas does not import" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
 export PATH="$venv/bin:$PATH"
