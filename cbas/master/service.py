@@ -18,7 +18,7 @@ from cbas.backends import BlobStore, CapacityError, Cloud, DeliveryError, JobSto
 from cbas.master.resource_manager import ResourceManager
 from cbas.master.worker_manager import WorkerManager
 from cbas.messages import MASTER, Envelope, MessageType, Ping, StartJob, StopJob, envelope, worker_address
-from cbas.models import CheckpointRecord, Job, JobEvent, utcnow
+from cbas.models import CheckpointRecord, Job, JobEvent, LedgerEntry, utcnow
 from cbas.scheduler.placement import cheapest_spot
 from cbas.settings import Settings
 from cbas.state import JobState, can_transition
@@ -43,6 +43,10 @@ def allowed_types(requested: list[str], default: str, offered: list[str]) -> lis
     if requested:
         return [kind for kind in requested if kind in offered]
     return [default] if default in offered else offered
+
+
+def where(entry: LedgerEntry) -> str:
+    return f"{entry.market} {entry.instance_type} in {entry.zone} at ${entry.price}/h"
 
 
 def new_job_id() -> str:
@@ -243,11 +247,14 @@ class Master:
             self.workers.launched(entry.instance_id)
             placed = await self.transition(
                 job.id, JobState.PROVISIONING, event="provisioning",
-                detail=f"{placement.market} {placement.instance_type} in {placement.zone} at ${placement.price}/h",
+                detail=where(entry),
                 update=lambda _: {"instance_id": entry.instance_id},
             )
-            if placed is None:  # cancelled meanwhile
-                await self._release(job.id, entry.instance_id, reason="job no longer queued")
+            if placed is None:
+                current = await self.store.get_job(job.id)
+                if current.instance_id != entry.instance_id:  # cancelled meanwhile
+                    await self._release(job.id, entry.instance_id, reason="job no longer queued")
+                # else: its worker announced itself first and placed the job already
 
     # --- worker events ----------------------------------------------------------------------
     async def worker_started(self, instance_id: str) -> None:
@@ -257,6 +264,11 @@ class Master:
             await self.cloud.terminate(instance_id)
             return
         job = await self.store.get_job(entry.job_id)
+        if job.state == JobState.QUEUED:
+            # the worker booted before the scheduler recorded the placement: record it now
+            placed = await self.transition(job.id, JobState.PROVISIONING, event="provisioning",
+                                           detail=where(entry), update=lambda _: {"instance_id": instance_id})
+            job = placed or await self.store.get_job(entry.job_id)
         if self.workers.was_noticed(instance_id):
             return  # about to be reclaimed: the job is restarted elsewhere at the notice's end
         if job.state != JobState.PROVISIONING or job.instance_id != instance_id:

@@ -108,3 +108,49 @@ def load_traces(folder: Path) -> list[Trace]:
     if not files:
         raise TraceError(f"no .csv or .csv.gz traces in {folder}")
     return [load_trace(path) for path in files]
+
+
+@dataclass
+class AvailabilityStats:
+    """How long spot capacity lasts and stays away in one market, in hours."""
+
+    zone: str
+    instance_type: str
+    up_hours: list[float]
+    down_hours: list[float]
+    price_ratio: float | None  # mean spot price / on-demand
+
+    @staticmethod
+    def _median(values: list[float]) -> float:
+        ordered = sorted(values)
+        middle = len(ordered) // 2
+        return (ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2) if ordered else 0.0
+
+    def summary(self) -> dict[str, float | int | str | None]:
+        def mean(values: list[float]) -> float:
+            return sum(values) / len(values) if values else 0.0
+
+        total = sum(self.up_hours) + sum(self.down_hours)
+        return {
+            "zone": self.zone, "instance_type": self.instance_type,
+            "up_median_h": round(self._median(self.up_hours), 2), "up_mean_h": round(mean(self.up_hours), 2),
+            "down_median_h": round(self._median(self.down_hours), 2), "down_mean_h": round(mean(self.down_hours), 2),
+            "periods": len(self.up_hours), "up_share": round(sum(self.up_hours) / total, 2) if total else None,
+            "price_ratio": None if self.price_ratio is None else round(self.price_ratio, 3),
+        }
+
+
+def availability_stats(series: MarketSeries) -> AvailabilityStats | None:
+    """Lengths of the periods with and without capacity; None for a price-only market."""
+    if not series.available or series.available[0] is None:
+        return None
+    up: list[float] = []
+    down: list[float] = []
+    start, state = series.times[0], series.available[0]
+    for t, available in zip(series.times[1:], series.available[1:]):
+        if available != state:
+            (up if state else down).append((t - start) / 3600.0)
+            start, state = t, available
+    prices = [p for p in series.spot_price if p is not None]
+    ratio = (sum(prices) / len(prices)) / series.ondemand_price if prices else None
+    return AvailabilityStats(series.zone, series.instance_type, up, down, ratio)

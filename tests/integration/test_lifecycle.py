@@ -101,13 +101,14 @@ def test_cancel_while_running_terminates_the_machine_and_every_process(cluster: 
     assert all(m["state"] == "TERMINATED" for m in job["machines"])
 
 
-def test_master_killed_and_restarted_mid_job_loses_nothing(cluster: Cluster) -> None:
+@pytest.mark.parametrize("stop", [signal.SIGKILL, signal.SIGTERM], ids=["killed", "stopped"])
+def test_master_killed_and_restarted_mid_job_loses_nothing(cluster: Cluster, stop: int) -> None:
     cluster.market(CALM)
     cluster.start_master()
     job_id = cluster.submit(cluster.job_dir("durable", n=80, delay=0.1, interval=1))
     cluster.wait(job_id, ("RUNNING",))
     machines = cluster.running_machines()
-    cluster.kill_master(signal.SIGKILL)
+    cluster.kill_master(stop)
     time.sleep(1.0)  # the job goes on without a master
     cluster.start_master()
     job = cluster.wait(job_id)

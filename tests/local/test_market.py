@@ -44,3 +44,21 @@ def test_trace_market_replays_availability_and_wraps(tmp_path: Path) -> None:
         True, True, False, False, True, False]
     assert market.spot_price("z1", "c5.large", 50) == 0.03
     assert market.ondemand_price("c5.large") == 0.085
+
+
+SHARED_9ZONES = Path(__file__).resolve().parents[2].parent / "shared" / "traces" / "aws-p3.2xlarge-9zones-2023-02-15.csv.gz"
+
+
+@pytest.mark.skipif(not SHARED_9ZONES.exists(), reason="shared/traces is not beside this checkout")
+def test_builtin_zones_are_the_numbers_measured_from_the_real_trace() -> None:
+    from cbas.scheduler.traces import availability_stats
+
+    measured = {}
+    for series in load_trace(SHARED_9ZONES).markets.values():
+        stats = availability_stats(series)
+        assert stats is not None
+        measured[series.zone] = stats.summary()
+    for zone in BUILTIN_ZONES:
+        row = measured[zone.measured_from]
+        assert (row["up_median_h"], row["up_mean_h"], row["down_median_h"], row["down_mean_h"], row["price_ratio"]) == (
+            zone.up_median_h, zone.up_mean_h, zone.down_median_h, zone.down_mean_h, zone.price_ratio)
