@@ -1,4 +1,4 @@
-"""tar + zstd archives of sandboxes, outputs and directory checkpoints, and their safe unpacking.
+"""tar + zstd archives of input, prologue and output sandboxes, and their safe unpacking.
 
 Archives are untrusted input: unpacking refuses absolute paths, '..', links and device files,
 and bounds the total size, so nothing can be written outside the target directory.

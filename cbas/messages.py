@@ -84,10 +84,11 @@ class CheckpointDone(_Body):
     attempt: int
     checkpoint_id: str
     manifest_key: str
-    size_bytes: int
-    pause_seconds: float
+    size_bytes: int  # the whole state
+    new_bytes: int = 0  # what this checkpoint had to store
+    pause_seconds: float  # how long the job was held still
     upload_seconds: float
-    reason: str
+    reason: str  # interval | notice
     final: bool = False  # taken on a spot notice; the job is stopped after it
 
 

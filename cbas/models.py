@@ -74,6 +74,7 @@ class CheckpointRecord(BaseModel):
     attempt: int
     manifest_key: str
     size_bytes: int
+    new_bytes: int = 0
     pause_seconds: float
     upload_seconds: float
     reason: str  # interval | notice | final

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     log_upload_interval: float = 5.0
     job_user: str = "nobody"  # jobs run as this user when the worker runs as root
     signal_checkpoint_timeout: float = 60.0
+    checkpoints_kept: int = 3  # older checkpoints' manifests and unshared chunks are deleted
 
     # local backend
     machines_dir: Path | None = None  # each local machine's disk; see machines_root()

@@ -7,7 +7,7 @@ import os
 import signal
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import AsyncContextManager, Callable, Protocol
 
 
 class CheckpointFailed(RuntimeError):
@@ -64,28 +64,20 @@ class JobContext:
         return JobProcess(process)
 
 
-@dataclass(frozen=True)
-class Capture:
-    """One checkpoint as taken: how long the job was paused, and its log lengths at that moment."""
-
-    pause_seconds: float
-    stdout_bytes: int
-    stderr_bytes: int
-
-
 class Checkpointer(Protocol):
     name: str
+    exclude: frozenset[str]  # names at the top of the state folder that are not state
+
+    def state_dir(self, ctx: JobContext) -> Path:
+        """The folder that holds the job's state: what a checkpoint saves and a restore fills."""
+        ...
 
     async def start(self, ctx: JobContext, argv: list[str]) -> JobProcess:
-        """Start the executable (fresh or restored: restore() ran before, if at all)."""
+        """Start the executable (fresh, or on state a restore put back in place)."""
         ...
 
-    async def capture(self, ctx: JobContext, job: JobProcess, archive: Path) -> Capture:
-        """Write a consistent checkpoint archive of the job's state."""
-        ...
-
-    def restore(self, ctx: JobContext, archive: Path) -> None:
-        """Put a checkpoint archive's state back in place before start()."""
+    def quiesced(self, ctx: JobContext, job: JobProcess) -> AsyncContextManager[None]:
+        """Inside this context the state folder is consistent and may be read."""
         ...
 
 

@@ -1,38 +1,36 @@
-"""`directory`: the job keeps its state in its working directory; the worker archives it.
+"""`directory`: the job keeps its state in its working directory; the worker saves that folder.
 
-The job's process group is stopped (SIGSTOP) while the archive is written, so the files are
+The job's process group is stopped (SIGSTOP) while the folder is read, so the files are
 consistent with each other, then continued (SIGCONT).
 """
 
 from __future__ import annotations
 
-import asyncio
 import signal
-import time
+from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import AsyncIterator
 
-from cbas.archive import pack_directory, unpack
-from cbas.checkpoint.base import Capture, JobContext, JobProcess, strategy
+from cbas.checkpoint.base import JobContext, JobProcess, strategy
 
 
 class DirectoryCheckpointer:
     name = "directory"
+    exclude: frozenset[str] = frozenset()
+
+    def state_dir(self, ctx: JobContext) -> Path:
+        return ctx.workdir
 
     async def start(self, ctx: JobContext, argv: list[str]) -> JobProcess:
         return await ctx.spawn(argv)
 
-    async def capture(self, ctx: JobContext, job: JobProcess, archive: Path) -> Capture:
-        started = time.monotonic()
+    @asynccontextmanager
+    async def quiesced(self, ctx: JobContext, job: JobProcess) -> AsyncIterator[None]:
         job.signal_group(signal.SIGSTOP)
         try:
-            stdout, stderr = ctx.log_sizes()
-            await asyncio.to_thread(pack_directory, ctx.workdir, archive)
+            yield
         finally:
             job.signal_group(signal.SIGCONT)
-        return Capture(time.monotonic() - started, stdout, stderr)
-
-    def restore(self, ctx: JobContext, archive: Path) -> None:
-        unpack(archive, ctx.workdir)
 
 
 strategy("directory")(DirectoryCheckpointer)

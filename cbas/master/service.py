@@ -277,7 +277,8 @@ class Master:
             elif job.state.is_terminal() or job.instance_id != instance_id:
                 await self._release(job.id, instance_id, reason="machine not needed")
             return
-        checkpoints = [c.id for c in reversed(await self.store.list_checkpoints(job.id)) if not c.bad]
+        good = [c.id for c in reversed(await self.store.list_checkpoints(job.id)) if not c.bad]
+        checkpoints = good[: self.settings.checkpoints_kept]  # older ones are garbage-collected
         started = await self.transition(
             job.id, JobState.STARTING, instance_id=instance_id, event="starting",
             detail=f"on {instance_id}" + (f", restoring {checkpoints[0]}" if checkpoints else ", fresh start"),
@@ -325,7 +326,8 @@ class Master:
             }))
             await self.store.add_event(JobEvent(
                 job_id=job.id, kind="checkpoint",
-                detail=f"{record.id} ({record.reason}): {record.size_bytes} bytes, pause {record.pause_seconds:.2f}s, "
+                detail=f"{record.id} ({record.reason}): {record.size_bytes} bytes, {record.new_bytes} new, "
+                       f"pause {record.pause_seconds:.2f}s, "
                        f"upload {record.upload_seconds:.2f}s",
             ))
         if final and job.instance_id:

@@ -22,8 +22,8 @@ import structlog
 from cbas import jdl
 from cbas.archive import ArchiveError, Member, pack, unpack
 from cbas.backends import BlobNotFound, BlobStore
-from cbas.checkpoint import archives
 from cbas.checkpoint.base import CheckpointFailed, JobContext, JobProcess, checkpointer_for
+from cbas.checkpoint.store import ChunkStore, CorruptCheckpoint, Manifest, UnsupportedFile
 from cbas.checkpoint.signalled import CHECKPOINT_EXIT_CODE
 from cbas.messages import (
     MASTER, CheckpointDone, Envelope, JobDone, JobFailed, MessageType, StartJob, envelope, worker_address,
@@ -80,6 +80,7 @@ class JobRun:
         self.deliver = deliver
         self.description = jdl.parse(start.jdl)
         self.checkpointer = checkpointer_for(self.description.checkpoint_strategy)
+        self.store = ChunkStore(blobs, start.job_id)
         self.root = disk / "job"
         self.pgids_file = disk / "job-pgids"
         self.phase = "starting"
@@ -177,22 +178,20 @@ class JobRun:
     def _restore(self, ctx: JobContext) -> None:
         for checkpoint_id in self.start.checkpoints:
             try:
-                manifest, archive = archives.fetch(self.blobs, self.job_id, checkpoint_id, self.root / "scratch")
-                self.checkpointer.restore(ctx, archive)
-                archive.unlink()
-            except (archives.CorruptCheckpoint, ArchiveError) as exc:
+                manifest = self.store.restore(checkpoint_id, self.checkpointer.state_dir(ctx))
+            except CorruptCheckpoint as exc:
                 self.log.warning("checkpoint.unusable", checkpoint=checkpoint_id, error=str(exc))
                 self.bad_checkpoints.append(checkpoint_id)
                 self._lay_out_sandbox()  # undo a partial restore before trying an older one
                 continue
             self._restore_logs(manifest)
             self.restored_from = checkpoint_id
-            self.log.info("checkpoint.restored", checkpoint=checkpoint_id, bytes=manifest.size_bytes)
+            self.log.info("checkpoint.restored", checkpoint=checkpoint_id, bytes=manifest.total_bytes)
             return
         if self.start.checkpoints:
             self.log.warning("checkpoint.none_usable", tried=self.start.checkpoints)
 
-    def _restore_logs(self, manifest: archives.Manifest) -> None:
+    def _restore_logs(self, manifest: Manifest) -> None:
         for name, length in (("stdout", manifest.stdout_bytes), ("stderr", manifest.stderr_bytes)):
             try:
                 data = self.blobs.get_bytes(f"jobs/{self.job_id}/logs/{name}")
@@ -273,7 +272,8 @@ class JobRun:
                 self.blobs.put_file(f"jobs/{self.job_id}/logs/{name}", path)
 
     async def checkpoint(self, reason: str, final: bool = False) -> bool:
-        """Capture, upload (archive then manifest), then report; True once it counts."""
+        """Quiesce and read the state, let the job go, upload (chunks then manifest), report.
+        True once the checkpoint counts."""
         async with self._checkpoint_lock:
             process, ctx = self.process, self.ctx
             if process is None or ctx is None or self.phase != "running":
@@ -282,28 +282,40 @@ class JobRun:
                 return False
             self._counter += 1
             checkpoint_id = f"a{self.start.attempt:04d}-n{self._counter:05d}"
-            archive = self.root / "scratch" / f"{checkpoint_id}.tar.zst"
+            started = time.monotonic()
             try:
-                capture = await self.checkpointer.capture(ctx, process, archive)
-            except CheckpointFailed as exc:
+                async with self.checkpointer.quiesced(ctx, process):
+                    stdout, stderr = ctx.log_sizes()
+                    snapshot = await asyncio.to_thread(
+                        self.store.snapshot, self.checkpointer.state_dir(ctx), self.root / "staging",
+                        self.checkpointer.exclude)
+            except (CheckpointFailed, UnsupportedFile) as exc:
                 self.log.warning("checkpoint.failed", reason=reason, error=str(exc))
                 return False
-            started = time.monotonic()
-            manifest = archives.new_manifest(self.job_id, checkpoint_id, self.checkpointer.name, archive,
-                                             capture.stdout_bytes, capture.stderr_bytes)
-            await asyncio.to_thread(self._upload_logs)
-            key = await asyncio.to_thread(archives.save, self.blobs, manifest, archive)
-            upload = time.monotonic() - started
-            archive.unlink(missing_ok=True)
-            self.log.info("checkpoint.uploaded", checkpoint=checkpoint_id, reason=reason, bytes=manifest.size_bytes,
-                          pause=round(capture.pause_seconds, 3), upload=round(upload, 3))
-            if final:
+            pause = time.monotonic() - started
+            if final:  # nothing the job does from now on would be kept
                 self.stopping = True
                 process.kill()
-            return await self.deliver(self._message(MessageType.CHECKPOINT_DONE, CheckpointDone(
-                job_id=self.job_id, attempt=self.start.attempt, checkpoint_id=checkpoint_id, manifest_key=key,
-                size_bytes=manifest.size_bytes, pause_seconds=capture.pause_seconds, upload_seconds=upload,
-                reason=reason, final=final)))
+            started = time.monotonic()
+            await asyncio.to_thread(self._upload_logs)
+            manifest = await asyncio.to_thread(
+                self.store.commit, snapshot, checkpoint_id, self.checkpointer.name, stdout, stderr)
+            upload = time.monotonic() - started
+            self.log.info("checkpoint.uploaded", checkpoint=checkpoint_id, reason=reason, bytes=manifest.total_bytes,
+                          new_bytes=manifest.new_bytes, pause=round(pause, 3), upload=round(upload, 3))
+            delivered = await self.deliver(self._message(MessageType.CHECKPOINT_DONE, CheckpointDone(
+                job_id=self.job_id, attempt=self.start.attempt, checkpoint_id=checkpoint_id,
+                manifest_key=self.store.manifest_key(checkpoint_id), size_bytes=manifest.total_bytes,
+                new_bytes=manifest.new_bytes, pause_seconds=pause, upload_seconds=upload, reason=reason, final=final)))
+            if delivered and not final:
+                await asyncio.to_thread(self._collect_garbage)
+            return delivered
+
+    def _collect_garbage(self) -> None:
+        dropped, chunks = self.store.collect_garbage(
+            keep=self.settings.checkpoints_kept, protect=[self.restored_from] if self.restored_from else [])
+        if dropped:
+            self.log.info("checkpoint.collected", dropped=dropped, chunks=chunks)
 
     async def on_notice(self) -> None:
         """The machine will be reclaimed: checkpoint now, then stop; the master restarts us elsewhere."""

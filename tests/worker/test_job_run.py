@@ -11,6 +11,7 @@ import pytest
 
 from cbas import jdl
 from cbas.archive import Member, pack
+from cbas.checkpoint.store import ChunkStore
 from cbas.local.blobs import FolderBlobStore
 from cbas.messages import Envelope, MessageType, StartJob
 from cbas.settings import Settings
@@ -171,7 +172,9 @@ async def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(harness:
     assert await first.checkpoint("notice", final=True)
     await asyncio.wait_for(task, 10)
     older, newer = [m.body["checkpoint_id"] for m in harness.of_type(MessageType.CHECKPOINT_DONE)]
-    key = f"jobs/j7/ckpt/{newer}/state.tar.zst"
+    store = ChunkStore(harness.blobs, "j7")
+    only_newer = set(store.manifest(newer).chunk_sizes) - set(store.manifest(older).chunk_sizes)
+    key = store.chunk_key(sorted(only_newer)[0])
     data = bytearray(harness.blobs.get_bytes(key))
     data[len(data) // 2] ^= 0xFF  # one flipped byte
     harness.blobs.put_bytes(key, bytes(data))

@@ -1,0 +1,159 @@
+"""The chunked checkpoint store: exact round trips, dedupe, verification, garbage collection."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cbas.checkpoint.store import ChunkStore, CorruptCheckpoint, UnsupportedFile, seal, unseal
+from cbas.local.blobs import FolderBlobStore
+
+MIB = 1 << 20
+
+
+def store_at(tmp: Path, job: str = "j") -> ChunkStore:
+    return ChunkStore(FolderBlobStore(tmp / "blobs"), job)
+
+
+def tree_of(root: Path) -> dict[str, tuple[bytes | None, int]]:
+    out = {}
+    for path in sorted(root.rglob("*")):
+        out[path.relative_to(root).as_posix()] = (None if path.is_dir() else path.read_bytes(), path.stat().st_mode & 0o777)
+    return out
+
+
+names = st.from_regex(r"[a-z0-9_.]{1,6}", fullmatch=True).filter(lambda n: n not in (".", ".."))
+trees = st.dictionaries(
+    st.lists(names, min_size=1, max_size=3).map("/".join),
+    st.one_of(st.none(), st.tuples(st.binary(max_size=3000), st.sampled_from([0o600, 0o644, 0o755, 0o400]))),
+    max_size=10,
+)
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(trees)
+def test_any_tree_round_trips_exactly(tmp_path_factory, tree) -> None:
+    root = tmp_path_factory.mktemp("state")
+    for name, value in tree.items():
+        path = root / name
+        if any((root / p).is_file() for p in _prefixes(name)) or path.exists():
+            continue
+        if value is None:  # an (empty) folder
+            path.mkdir(parents=True)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(value[0])
+            path.chmod(value[1])
+    store = store_at(tmp_path_factory.mktemp("s"))
+    store.save(root, "c1", "directory", tmp_path_factory.mktemp("staging"))
+    out = tmp_path_factory.mktemp("out")
+    store_at(store.blobs.root.parent).restore("c1", out)  # a fresh store: nothing remembered
+    assert tree_of(out) == tree_of(root)
+
+
+def _prefixes(name: str) -> list[str]:
+    parts = name.split("/")
+    return ["/".join(parts[:i]) for i in range(1, len(parts))]
+
+
+def test_links_are_refused_with_a_clear_error(tmp_path: Path) -> None:
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "link").symlink_to("/etc/passwd")
+    with pytest.raises(UnsupportedFile, match="link is a symbolic link"):
+        store_at(tmp_path).snapshot(tmp_path / "state", tmp_path / "staging")
+
+
+def big_state(root: Path, size: int, seed: int = 1) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "big.bin").write_bytes(random.Random(seed).randbytes(size))
+    return root / "big.bin"
+
+
+def test_unchanged_state_stores_nothing_and_small_changes_little(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    big = big_state(state, 16 * MIB)
+    store = store_at(tmp_path)
+    first = store.save(state, "c1", "directory", tmp_path / "staging")
+    assert first.new_bytes >= 16 * MIB  # incompressible: stored raw, plus a byte of header per chunk
+    assert store.save(state, "c2", "directory", tmp_path / "staging").new_bytes == 0
+    data = bytearray(big.read_bytes())
+    data[5 * MIB:5 * MIB] = b"inserted" * 1000  # an insertion shifts everything after it
+    data[12 * MIB] ^= 1
+    big.write_bytes(data)
+    third = store.save(state, "c3", "directory", tmp_path / "staging")
+    assert 0 < third.new_bytes < 10 * MIB  # content-defined chunks: only the chunks around the edits
+    out = tmp_path / "out"
+    store_at(tmp_path).restore("c3", out)
+    assert (out / "big.bin").read_bytes() == bytes(data)
+
+
+def test_a_file_rewritten_with_its_old_mtime_is_still_read(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    big = big_state(state, 2 * MIB)
+    store = store_at(tmp_path)
+    store.save(state, "c1", "directory", tmp_path / "staging")
+    before = big.stat()
+    data = bytearray(big.read_bytes())
+    data[100] ^= 0xFF
+    big.write_bytes(data)
+    os.utime(big, ns=(before.st_atime_ns, before.st_mtime_ns))  # same size and mtime; ctime moves
+    store.save(state, "c2", "directory", tmp_path / "staging")
+    out = tmp_path / "out"
+    store_at(tmp_path).restore("c2", out)
+    assert (out / "big.bin").read_bytes() == bytes(data)
+
+
+def stored_blobs(tmp: Path) -> list[Path]:
+    return sorted(p for p in (tmp / "blobs").rglob("*") if p.is_file())
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(which=st.integers(min_value=0), where=st.integers(min_value=0), bit=st.integers(min_value=0, max_value=7))
+def test_a_flipped_bit_anywhere_is_detected_on_restore(tmp_path_factory, which: int, where: int, bit: int) -> None:
+    tmp = tmp_path_factory.mktemp("flip")
+    state = tmp / "state"
+    big_state(state, 3 * MIB)
+    (state / "small.txt").write_text("compressible " * 1000)
+    store_at(tmp).save(state, "c1", "directory", tmp / "staging")
+    blobs = stored_blobs(tmp)
+    victim = blobs[which % len(blobs)]
+    data = bytearray(victim.read_bytes())
+    data[where % len(data)] ^= 1 << bit
+    victim.write_bytes(data)
+    with pytest.raises(CorruptCheckpoint):
+        store_at(tmp).restore("c1", tmp / "out")
+
+
+def test_a_manifest_cannot_write_outside_the_target(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    big_state(state, 1000)
+    store = store_at(tmp_path)
+    store.save(state, "c1", "directory", tmp_path / "staging")
+    key = store.manifest_key("c1")
+    manifest = json.loads(unseal(store.blobs.get_bytes(key)))
+    manifest["files"][0]["path"] = "../escaped.bin"
+    store.blobs.put_bytes(key, seal(json.dumps(manifest).encode()))  # correctly sealed, still refused
+    with pytest.raises(CorruptCheckpoint, match="not a plain relative path"):
+        store_at(tmp_path).restore("c1", tmp_path / "out")
+    assert not (tmp_path / "escaped.bin").exists()
+
+
+def test_garbage_collection_keeps_the_newest_and_what_they_use(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    store = store_at(tmp_path)
+    for number in range(1, 5):
+        big_state(state, MIB, seed=number)  # a new state each time
+        (state / "shared.txt").write_text("same in every checkpoint")
+        store.save(state, f"c{number}", "directory", tmp_path / "staging")
+    dropped, removed = store.collect_garbage(keep=2, protect=["c1"])
+    assert dropped == ["c2"] and removed >= 1
+    assert store.checkpoint_ids() == ["c1", "c3", "c4"]
+    for checkpoint_id in ("c1", "c3", "c4"):
+        store_at(tmp_path).restore(checkpoint_id, tmp_path / f"out-{checkpoint_id}")
+    assert (tmp_path / "out-c4" / "big.bin").read_bytes() == (state / "big.bin").read_bytes()
