@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncContextManager, Callable, Protocol
 
@@ -46,7 +46,7 @@ class JobContext:
     env: dict[str, str]
     user: tuple[int, int] | None  # (uid, gid) to drop to, or None to stay who we are
     on_spawn: Callable[[int], None] = lambda pgid: None  # records process groups for the cloud
-    extra: dict[str, str] = field(default_factory=dict)
+    cache_dir: Path | None = None  # survives the job's attempts on this machine (built helpers)
 
     def log_sizes(self) -> tuple[int, int]:
         return _size(self.stdout), _size(self.stderr)
@@ -101,7 +101,7 @@ def strategy(name: str) -> Callable[[Callable[[], Checkpointer]], Callable[[], C
 
 def checkpointer_for(name: str) -> Checkpointer:
     # the strategies register themselves on import
-    from cbas.checkpoint import directory, signalled  # noqa: F401
+    from cbas.checkpoint import directory, dmtcp, signalled  # noqa: F401
 
     if name not in STRATEGIES:
         raise CheckpointFailed(

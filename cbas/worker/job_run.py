@@ -83,6 +83,7 @@ class JobRun:
         self.store = ChunkStore(blobs, start.job_id)
         self.root = disk / "job"
         self.pgids_file = disk / "job-pgids"
+        self.cache_dir = disk / "cache"  # kept across attempts on this machine
         self.phase = "starting"
         self.restored_from: str | None = None
         self.bad_checkpoints: list[str] = []
@@ -147,6 +148,7 @@ class JobRun:
         ctx = JobContext(
             job_id=self.job_id, workdir=self.root / "work", checkpoint_dir=self.root / "checkpoint",
             stdout=self.root / "stdout", stderr=self.root / "stderr", env={}, user=user, on_spawn=self._record_pgid,
+            cache_dir=self.cache_dir,
         )
         self.ctx = ctx
         await asyncio.to_thread(self._restore, ctx)
@@ -163,6 +165,7 @@ class JobRun:
         (self.root / "stdout").touch()
         (self.root / "stderr").touch()
         self.root.chmod(0o711)
+        self.cache_dir.mkdir(mode=0o711, exist_ok=True)
         for name, target in (("input", self.root / "work"), ("prologue", self.root / "prologue")):
             key = f"jobs/{self.job_id}/{name}.tar.zst"
             if not self.blobs.exists(key):

@@ -12,50 +12,12 @@ import pytest
 from cbas import jdl
 from cbas.archive import Member, pack
 from cbas.checkpoint.store import ChunkStore
-from cbas.local.blobs import FolderBlobStore
-from cbas.messages import Envelope, MessageType, StartJob
-from cbas.settings import Settings
-from cbas.worker.job_run import JobRun
+from cbas.messages import MessageType
+from tests.harness import Harness, wait_for_line
 from tests.homes import reachable_tmp
 from tests.processes import wait_until_gone
 
 COUNTER = Path(__file__).resolve().parents[2] / "examples" / "counter"
-
-
-class Harness:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.blobs = FolderBlobStore(root / "blobs")
-        self.sent: list[Envelope] = []
-        self.settings = Settings(home=root, log_upload_interval=0.2)
-        self.attempt = 0
-
-    async def deliver(self, message: Envelope) -> bool:
-        self.sent.append(message)
-        return True
-
-    def upload_inputs(self, job_id: str, files: dict[str, bytes | Path]) -> None:
-        scratch = self.root / "scratch-in"
-        scratch.mkdir(exist_ok=True)
-        members = []
-        for name, content in files.items():
-            path = content if isinstance(content, Path) else scratch / name
-            if not isinstance(content, Path):
-                path.write_bytes(content)
-                path.chmod(0o755)
-            members.append(Member(path, name))
-        pack(members, scratch / "input.tar.zst")
-        self.blobs.put_file(f"jobs/{job_id}/input.tar.zst", scratch / "input.tar.zst")
-
-    def run(self, job_id: str, text: str, checkpoints: list[str] | None = None) -> JobRun:
-        self.attempt += 1
-        disk = self.root / f"disk{self.attempt}"
-        disk.mkdir(mode=0o711)
-        start = StartJob(job_id=job_id, attempt=self.attempt, jdl=text, checkpoints=checkpoints or [], ping_interval=1)
-        return JobRun(self.settings, f"i-{self.attempt}", disk, self.blobs, start, self.deliver)
-
-    def of_type(self, kind: MessageType) -> list[Envelope]:
-        return [m for m in self.sent if m.type == kind]
 
 
 @pytest.fixture
@@ -130,20 +92,12 @@ async def test_a_failing_prologue_fails_the_job_before_it_starts(harness: Harnes
     assert b"setting up" in harness.blobs.get_bytes("jobs/j5/logs/stdout")
 
 
-async def _wait_for_line(path: Path, text: str, timeout: float = 20) -> None:
-    for _ in range(int(timeout / 0.05)):
-        if path.exists() and text in path.read_text():
-            return
-        await asyncio.sleep(0.05)
-    raise AssertionError(f"{text!r} never appeared in {path}")
-
-
 async def test_directory_checkpoint_then_restore_resumes_instead_of_restarting(harness: Harness) -> None:
     harness.upload_inputs("j6", {"counter.sh": COUNTER / "counter.sh", "input.txt": b"5\n"})
     text = COUNTER_JDL.replace('Arguments = "40 input.txt"', 'Arguments = "60 input.txt"')
     first = harness.run("j6", text)
     task = asyncio.create_task(first.run())
-    await _wait_for_line(first.root / "stdout", "progress 20/60")
+    await wait_for_line(first.root / "stdout", "progress 20/60")
     assert await first.checkpoint("notice", final=True)  # final: the job is stopped after it
     await asyncio.wait_for(task, 10)
     [ckpt] = harness.of_type(MessageType.CHECKPOINT_DONE)
@@ -166,9 +120,9 @@ async def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(harness:
     text = COUNTER_JDL.replace('Arguments = "40 input.txt"', 'Arguments = "50 input.txt"')
     first = harness.run("j7", text)
     task = asyncio.create_task(first.run())
-    await _wait_for_line(first.root / "stdout", "progress 10/50")
+    await wait_for_line(first.root / "stdout", "progress 10/50")
     assert await first.checkpoint("interval")
-    await _wait_for_line(first.root / "stdout", "progress 20/50")
+    await wait_for_line(first.root / "stdout", "progress 20/50")
     assert await first.checkpoint("notice", final=True)
     await asyncio.wait_for(task, 10)
     older, newer = [m.body["checkpoint_id"] for m in harness.of_type(MessageType.CHECKPOINT_DONE)]
@@ -201,7 +155,7 @@ async def test_signal_strategy_checkpoints_through_the_job_and_restores_its_dire
     text = 'Executable = "job.sh"; CheckpointStrategy = "signal"; CheckpointInterval = 3600;'
     first = harness.run("j8", text)
     task = asyncio.create_task(first.run())
-    await _wait_for_line(first.root / "work" / "out.txt", "10")
+    await wait_for_line(first.root / "work" / "out.txt", "10")
     assert await first.checkpoint("notice", final=True)
     await asyncio.wait_for(task, 10)
     [ckpt] = harness.of_type(MessageType.CHECKPOINT_DONE)

@@ -1,0 +1,178 @@
+"""The dmtcp strategy through JobRun: against a fake DMTCP (always) and the real one (marker
+`dmtcp`, when dmtcp_launch is on the PATH)."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import shutil
+import subprocess
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from cbas import jdl
+from cbas.checkpoint.dmtcp import java_without_perf_data
+from cbas.checkpoint.store import ChunkStore
+from cbas.messages import MessageType
+from tests.harness import Harness, wait_for_line, wait_running
+from tests.homes import reachable_tmp
+
+FAKE = Path(__file__).resolve().parents[1] / "fakedmtcp"
+COUNTER = Path(__file__).resolve().parents[2] / "examples" / "counter"
+REAL = shutil.which("dmtcp_launch")
+
+
+@pytest.fixture
+def fake_dmtcp(monkeypatch: pytest.MonkeyPatch):
+    """The fake tools in a folder the job user can reach, first on the PATH."""
+    with reachable_tmp("cbas-fakedmtcp-") as root:
+        (root / "bin").mkdir(mode=0o755)
+        for tool in ("dmtcp_launch", "dmtcp_command", "dmtcp_restart"):
+            shutil.copy(FAKE / "fake_dmtcp.py", root / "bin" / tool)
+            (root / "bin" / tool).chmod(0o755)
+        shutil.copytree(FAKE / "include", root / "include")
+        monkeypatch.setenv("PATH", f"{root / 'bin'}:{os.environ['PATH']}")
+        yield root
+
+
+@pytest.fixture
+def harness():
+    with reachable_tmp() as root:
+        yield Harness(root)
+
+
+def counter_jdl(n: int, extra_env: str = "") -> str:
+    return (f'Executable = "counter.sh"; Arguments = "{n} input.txt"; InputSandbox = {{"input.txt"}};\n'
+            f'OutputSandbox = {{"output.txt"}}; CheckpointStrategy = "dmtcp"; CheckpointInterval = 3600;\n'
+            f'Environment = {{COUNTER_DELAY = "0.05", FAKE_DMTCP_STATE = "counter.state output.txt"{extra_env}}};')
+
+
+async def test_fake_dmtcp_checkpoint_kill_restart_resumes(harness: Harness, fake_dmtcp: Path) -> None:
+    harness.upload_inputs("d1", {"counter.sh": COUNTER / "counter.sh", "input.txt": b"4\n"})
+    first = harness.run("d1", counter_jdl(60))
+    task = asyncio.create_task(first.run())
+    await wait_for_line(first.root / "stdout", "progress 20/60")
+    assert await first.checkpoint("notice", final=True)
+    await asyncio.wait_for(task, 10)
+    [done] = harness.of_type(MessageType.CHECKPOINT_DONE)
+    manifest = ChunkStore(harness.blobs, "d1").manifest(done.body["checkpoint_id"])
+    images = [f.path for f in manifest.files if f.path.startswith(".dmtcp/ckpt_")]
+    assert len(images) == 1 and images[0].endswith(".dmtcp")
+    assert list((first.cache_dir).glob("cbas_dmtcp_hook-*.so"))  # the hook was built from the C source
+
+    second = harness.run("d1", counter_jdl(60), checkpoints=[done.body["checkpoint_id"]])
+    await asyncio.wait_for(second.run(), 60)
+    assert second.restored_from == done.body["checkpoint_id"]
+    assert harness.of_type(MessageType.JOB_DONE)
+    assert (second.root / "work" / "output.txt").read_text() == "".join(f"{i} {4 * i}\n" for i in range(60))
+    assert int(re.findall(r"resuming at (\d+)", (second.root / "stdout").read_text())[0]) >= 20
+
+
+async def test_the_hook_holds_the_job_until_the_state_is_read(harness: Harness, fake_dmtcp: Path) -> None:
+    harness.upload_inputs("d2", {"counter.sh": COUNTER / "counter.sh", "input.txt": b"1\n"})
+    run = harness.run("d2", counter_jdl(1000))
+    task = asyncio.create_task(run.run())
+    await wait_for_line(run.root / "stdout", "progress 10/1000")
+    output = run.root / "work" / "output.txt"
+    checkpointer = run.checkpointer
+    async with checkpointer.quiesced(run.ctx, run.process):  # type: ignore[arg-type]
+        assert checkpointer.hook is not None and checkpointer.hook._held  # the plugin called and waits
+        held = output.read_text()
+        await asyncio.sleep(0.5)
+        assert output.read_text() == held  # nothing moves while the hook is held
+    await asyncio.sleep(0.5)
+    assert output.read_text() != held  # and it goes on once released
+    run.stop()
+    await asyncio.wait_for(task, 10)
+
+
+async def test_a_checkpoint_without_images_is_rejected(harness: Harness, fake_dmtcp: Path) -> None:
+    harness.upload_inputs("d3", {"counter.sh": COUNTER / "counter.sh", "input.txt": b"1\n"})
+    run = harness.run("d3", counter_jdl(1000, ', FAKE_DMTCP_NO_IMAGES = "1"'))
+    task = asyncio.create_task(run.run())
+    await wait_running(run)
+    await wait_for_line(run.root / "stdout", "progress 10/1000")
+    assert not await run.checkpoint("interval")
+    assert not harness.of_type(MessageType.CHECKPOINT_DONE)
+    run.stop()
+    await asyncio.wait_for(task, 10)
+
+
+async def test_without_dmtcp_the_job_fails_with_a_clear_reason(harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PATH", "/nonexistent")
+    await asyncio.wait_for(harness.run("d4", 'Executable = "/bin/true"; CheckpointStrategy = "dmtcp";').run(), 30)
+    [failed] = harness.of_type(MessageType.JOB_FAILED)
+    assert "dmtcp_launch is not on the PATH" in failed.body["reason"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["java", "-jar", "a.jar"], ["java", "-XX:-UsePerfData", "-jar", "a.jar"]),
+        (["/usr/bin/java", "-XX:+UsePerfData", "Main"], ["/usr/bin/java", "-XX:+UsePerfData", "Main"]),
+        (["./sim", "java"], ["./sim", "java"]),
+    ],
+)
+def test_java_gets_perf_data_off_unless_the_user_chose(argv: list[str], expected: list[str]) -> None:
+    assert java_without_perf_data(argv) == expected
+
+
+# --- the real DMTCP ---------------------------------------------------------------------------
+
+C_PROGRAM = textwrap.dedent("""\
+    #include <stdio.h>
+    #include <unistd.h>
+    int main(void) {  /* its state is only in memory */
+        long sum = 0;
+        for (int i = 0; i < 60; i++) { sum += i * i; printf("%d %ld\\n", i, sum); fflush(stdout); usleep(50000); }
+        return 0;
+    }
+    """)
+PY_PROGRAM = textwrap.dedent("""\
+    import time
+    total = 0
+    for i in range(60):  # its state is only in memory
+        total += i * i
+        print(i, total, flush=True)
+        time.sleep(0.05)
+    """)
+
+
+def expected_sums() -> str:
+    total, lines = 0, []
+    for i in range(60):
+        total += i * i
+        lines.append(f"{i} {total}\n")
+    return "".join(lines)
+
+
+@pytest.mark.dmtcp
+@pytest.mark.skipif(REAL is None, reason="the real DMTCP (dmtcp_launch) is not on the PATH")
+@pytest.mark.parametrize("language", ["c", "python"])
+async def test_real_dmtcp_restarts_a_killed_program_to_the_same_output(harness: Harness, language: str) -> None:
+    if language == "c":
+        source = harness.root / "sums.c"
+        source.write_text(C_PROGRAM)
+        subprocess.run(["cc", "-O2", "-o", str(harness.root / "sums"), str(source)], check=True)
+        harness.upload_inputs("r1", {"sums": harness.root / "sums"})
+        text = 'Executable = "sums"; CheckpointStrategy = "dmtcp"; CheckpointInterval = 3600;'
+    else:
+        harness.upload_inputs("r1", {"sums.py": PY_PROGRAM.encode()})
+        text = 'Executable = "/usr/bin/python3"; Arguments = "sums.py"; CheckpointStrategy = "dmtcp"; CheckpointInterval = 3600;'
+    first = harness.run("r1", text)
+    task = asyncio.create_task(first.run())
+    await wait_for_line(first.root / "stdout", "\n20 ")
+    assert await first.checkpoint("notice", final=True)  # the job is killed right after
+    await asyncio.wait_for(task, 20)
+    [done] = harness.of_type(MessageType.CHECKPOINT_DONE)
+    second = harness.run("r1", text, checkpoints=[done.body["checkpoint_id"]])
+    await asyncio.wait_for(second.run(), 60)
+    assert second.restored_from == done.body["checkpoint_id"]
+    assert harness.of_type(MessageType.JOB_DONE), harness.sent
+    stdout = (second.root / "stdout").read_text()
+    numbers = [line for line in stdout.splitlines() if re.fullmatch(r"\d+ \d+", line)]
+    assert "\n".join(numbers) + "\n" == expected_sums()  # every line once: resumed, not rerun
+    assert second.checkpointer.hook is not None  # the hook plugin was built and loaded

@@ -1,0 +1,17 @@
+/* The few declarations of DMTCP's dmtcp.h that cbas/checkpoint/dmtcp_hook.c uses, so the fake
+ * DMTCP can exercise the hook's build; the real header comes with DMTCP. */
+#ifndef FAKE_DMTCP_H
+#define FAKE_DMTCP_H
+#include <stddef.h>
+#define DMTCP_PLUGIN_API_VERSION "3"
+#define DMTCP_PACKAGE_VERSION "fake"
+typedef enum { DMTCP_EVENT_INIT, DMTCP_EVENT_PRECHECKPOINT, DMTCP_EVENT_RESUME, DMTCP_EVENT_RESTART } DmtcpEvent_t;
+typedef union { int unused; } DmtcpEventData_t;
+typedef struct {
+  const char *pluginApiVersion, *dmtcpVersion, *pluginName, *authorName, *authorEmail, *description;
+  void (*event_hook)(const DmtcpEvent_t event, DmtcpEventData_t *data);
+} DmtcpPluginDescriptor_t;
+typedef enum { RESTART_ENV_SUCCESS = 0 } DmtcpGetRestartEnvErr_t;
+DmtcpGetRestartEnvErr_t dmtcp_get_restart_env(const char *name, char *value, size_t maxvaluelen);
+#define DMTCP_DECL_PLUGIN(descr) void dmtcp_initialize_plugin(void) {}
+#endif
