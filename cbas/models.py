@@ -34,6 +34,8 @@ class Job(BaseModel):
     checkpoints: int = 0
     last_checkpoint: str | None = None
     restored_from: str | None = None  # checkpoint the current attempt started from
+    attempt_checkpoints: int = 0  # checkpoints the current attempt has taken: its progress
+    fallbacks: int = 0  # restarts that failed or stalled and fell back to an older checkpoint
     run_seconds: float = 0.0  # seconds spent RUNNING, summed over attempts
     running_since: datetime | None = None
     cost: float = 0.0  # USD of machines already terminated

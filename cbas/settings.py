@@ -33,6 +33,10 @@ class Settings(BaseSettings):
     schedule_interval: float = 5.0  # seconds between scheduler passes over queued jobs
     default_instance_type: str = "m5.large"
     seen_message_window: float = 86400.0  # seconds a message id is remembered
+    # a restart from a checkpoint that takes no new checkpoint within this many seconds is stalled
+    # (default: 3 checkpoint intervals plus a minute); it falls back to the checkpoint before
+    restart_stall_timeout: float | None = None
+    max_fallbacks: int = 3  # then the job fails: it is in a restart loop
 
     # worker
     notice_poll_interval: float = 5.0  # seconds between spot/instance-action polls

@@ -99,12 +99,16 @@ def strategy(name: str) -> Callable[[Callable[[], Checkpointer]], Callable[[], C
     return register
 
 
-def checkpointer_for(name: str) -> Checkpointer:
+def checkpointer_for(name: str, signal_timeout: float = 60.0) -> Checkpointer:
     # the strategies register themselves on import
-    from cbas.checkpoint import directory, dmtcp, signalled  # noqa: F401
+    from cbas.checkpoint import directory, dmtcp, signalled
 
     if name not in STRATEGIES:
         raise CheckpointFailed(
             f"checkpoint strategy {name!r} is not available on this backend (available: {', '.join(sorted(STRATEGIES))})"
         )
-    return STRATEGIES[name]()
+    checkpointer = STRATEGIES[name]()
+    if isinstance(checkpointer, signalled.SignalCheckpointer):
+        checkpointer.timeout = signal_timeout
+    del directory, dmtcp
+    return checkpointer

@@ -51,6 +51,8 @@ class JobDescription(BaseModel):
     max_price: float | None = Field(default=None, gt=0)
     instance_types: tuple[str, ...] = ()
     environment: dict[str, str] = Field(default_factory=dict)
+    # test-restore every checkpoint into a scratch folder before it counts
+    validate_checkpoint: bool = False
 
     @field_validator("deadline")
     @classmethod

@@ -34,6 +34,7 @@ KEYS: dict[str, tuple[str, str]] = {
     "MaxPrice": ("max_price", "number"),
     "InstanceTypes": ("instance_types", "list"),
     "Environment": ("environment", "environment"),
+    "ValidateCheckpoint": ("validate_checkpoint", "boolean"),
 }
 _BY_LOWER = {key.lower(): key for key in KEYS}
 _FIELD_TO_KEY = {field: key for key, (field, _) in KEYS.items()}
@@ -280,6 +281,11 @@ def _convert(key: str, kind: str, raw: Any, anchor: Token, fail: Callable[[str, 
         if raw.kind != "number" or not isinstance(raw.value, int):
             raise fail(f"{key} expects a whole number of seconds, found {raw.describe()}", raw)
         return raw.value
+    if kind == "boolean":
+        text = str(raw.value).lower() if raw.kind in ("word", "string") else ""
+        if text not in ("true", "false"):
+            raise fail(f"{key} expects true or false, found {raw.describe()}", raw)
+        return text == "true"
     if kind == "number":
         if raw.kind != "number":
             raise fail(f"{key} expects a number, found {raw.describe()}", raw)

@@ -24,6 +24,8 @@ def write(job: JobDescription) -> str:
             text = "{" + ", ".join(quote(item) for item in value) + "}"
         elif kind == "environment":
             text = "{" + ", ".join(f"{name} = {quote(val)}" for name, val in value.items()) + "}"
+        elif kind == "boolean":
+            text = "true" if value else "false"
         elif kind in ("integer", "number"):
             text = repr(value)
         else:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -16,6 +17,7 @@ import structlog
 from cbas import jdl
 from cbas.backends import BlobStore, CapacityError, Cloud, DeliveryError, JobStore, MessageBus, MessageRejected, NotFound
 from cbas.master.resource_manager import ResourceManager
+from cbas.master.timers import Deadlines
 from cbas.master.worker_manager import WorkerManager
 from cbas.messages import MASTER, Envelope, MessageType, Ping, StartJob, StopJob, envelope, worker_address
 from cbas.models import CheckpointRecord, Job, JobEvent, LedgerEntry, utcnow
@@ -62,6 +64,7 @@ class Master:
         self.cloud = backends.cloud
         self.resources = ResourceManager(self.store, self.cloud, settings.cluster)
         self.workers = workers or WorkerManager(settings)
+        self.progress = Deadlines()  # job id -> when a restart from a checkpoint counts as stalled
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -120,6 +123,7 @@ class Master:
             if job.state.has_machine():
                 if job.instance_id in live:
                     self.workers.pinged(job.instance_id)  # a full ping window to be heard from
+                    self._watch_progress(job)
                 else:
                     await self.machine_lost(job.id, job.instance_id, "machine gone while the master was down")
             elif job.state == JobState.PREEMPTED:
@@ -286,6 +290,7 @@ class Master:
                 "attempt": j.attempt + 1,
                 "restarts": j.restarts + (1 if j.attempt > 0 else 0),
                 "restored_from": checkpoints[0] if checkpoints else None,
+                "attempt_checkpoints": 0,
             },
         )
         if started is None:
@@ -311,8 +316,21 @@ class Master:
             detail = f"attempt {ping.attempt}, " + (f"restored from {ping.restored_from}" if ping.restored_from else "fresh start")
             if ping.bad_checkpoints:
                 detail += f"; unusable checkpoints: {', '.join(ping.bad_checkpoints)}"
-            await self.transition(ping.job_id, JobState.RUNNING, attempt=ping.attempt, instance_id=ping.instance_id,
-                                  event="running", detail=detail, update=lambda _: {"restored_from": ping.restored_from})
+            running = await self.transition(
+                ping.job_id, JobState.RUNNING, attempt=ping.attempt, instance_id=ping.instance_id,
+                event="running", detail=detail, update=lambda _: {"restored_from": ping.restored_from})
+            if running is not None:
+                self._watch_progress(running)
+
+    def _watch_progress(self, job: Job) -> None:
+        """A restart from a checkpoint must take a checkpoint of its own in time, or it is stalled."""
+        if job.state == JobState.RUNNING and job.restored_from and job.attempt_checkpoints == 0:
+            self.progress.arm(job.id, time.time() + self.stall_timeout(job))
+
+    def stall_timeout(self, job: Job) -> float:
+        if self.settings.restart_stall_timeout is not None:
+            return self.settings.restart_stall_timeout
+        return 3 * jdl.parse(job.jdl).checkpoint_interval + 60.0
 
     async def checkpoint_done(self, record: CheckpointRecord, final: bool, instance_id: str) -> None:
         job = await self.store.get_job(record.job_id)
@@ -322,8 +340,10 @@ class Master:
         if await self.store.add_checkpoint(record):
             await self.store.mutate_job(job.id, lambda j: j.model_copy(update={
                 "checkpoints": j.checkpoints + 1,
+                "attempt_checkpoints": j.attempt_checkpoints + (1 if j.attempt == record.attempt else 0),
                 "last_checkpoint": max(record.id, j.last_checkpoint or ""),
             }))
+            self.progress.disarm(job.id)
             await self.store.add_event(JobEvent(
                 job_id=job.id, kind="checkpoint",
                 detail=f"{record.id} ({record.reason}): {record.size_bytes} bytes, {record.new_bytes} new, "
@@ -343,12 +363,22 @@ class Master:
     async def job_finished(self, job_id: str, attempt: int, ok: bool, update: dict[str, Any], detail: str) -> None:
         target = JobState.COMPLETED if ok else JobState.FAILED
         job = await self.store.get_job(job_id)
+        if (not ok and job.attempt == attempt and not job.state.is_terminal()
+                and job.restored_from and job.attempt_checkpoints == 0):
+            await self.fall_back(job, f"the restart from {job.restored_from} failed: {detail}")
+            return
+        self.progress.disarm(job_id)
         new = await self.transition(job_id, target, attempt=attempt, event=target.lower(), detail=detail,
                                     update=lambda _: update)
         if new is not None and job.instance_id:
             await self._release(job_id, job.instance_id, reason=f"job {target.lower()}")
 
     async def check_workers(self) -> None:
+        for job_id in self.progress.pop_expired(time.time()):
+            job = await self.store.get_job(job_id)
+            if job.state == JobState.RUNNING and job.restored_from and job.attempt_checkpoints == 0:
+                await self.fall_back(job, f"no new checkpoint within {self.stall_timeout(job):.0f}s of restoring "
+                                          f"{job.restored_from}")
         for instance_id in self.workers.dead():
             entry = await self.resources.entry_for(instance_id)
             if entry is None:
@@ -359,10 +389,28 @@ class Master:
 
     async def machine_lost(self, job_id: str, instance_id: str | None, reason: str, spot: bool = False) -> None:
         """The job's machine is gone or going: release it and queue the job again."""
-        lost = await self.transition(
-            job_id, JobState.PREEMPTED, instance_id=instance_id, event="preempted" if spot else "machine-lost",
-            detail=reason, update=lambda j: {"preemptions": j.preemptions + (1 if spot else 0), "instance_id": None},
-        )
+        await self._restart_elsewhere(job_id, instance_id, reason, event="preempted" if spot else "machine-lost",
+                                      update=lambda j: {"preemptions": j.preemptions + (1 if spot else 0)})
+
+    async def fall_back(self, job: Job, reason: str) -> None:
+        """A restart from a checkpoint failed or stalled: never use that checkpoint again."""
+        self.progress.disarm(job.id)
+        if job.fallbacks >= self.settings.max_fallbacks:
+            message = f"restart loop: {job.fallbacks + 1} restarts from checkpoints made no progress; last: {reason}"
+            failed = await self.transition(job.id, JobState.FAILED, event="failed", detail=message,
+                                           update=lambda _: {"error": message})
+            if failed is not None and job.instance_id:
+                await self._release(job.id, job.instance_id, reason="job failed")
+            return
+        if job.restored_from:
+            await self.store.mark_checkpoint_bad(job.id, job.restored_from)
+        await self._restart_elsewhere(job.id, job.instance_id, f"{reason}; falling back to the checkpoint before it",
+                                      event="fallback", update=lambda j: {"fallbacks": j.fallbacks + 1})
+
+    async def _restart_elsewhere(self, job_id: str, instance_id: str | None, reason: str, event: str,
+                                 update: Callable[[Job], dict[str, Any]]) -> None:
+        lost = await self.transition(job_id, JobState.PREEMPTED, instance_id=instance_id, event=event, detail=reason,
+                                     update=lambda j: {**update(j), "instance_id": None})
         if instance_id:
             await self._release(job_id, instance_id, reason=reason)
         if lost is not None:

@@ -79,7 +79,7 @@ class JobRun:
         self.start = start
         self.deliver = deliver
         self.description = jdl.parse(start.jdl)
-        self.checkpointer = checkpointer_for(self.description.checkpoint_strategy)
+        self.checkpointer = checkpointer_for(self.description.checkpoint_strategy, settings.signal_checkpoint_timeout)
         self.store = ChunkStore(blobs, start.job_id)
         self.root = disk / "job"
         self.pgids_file = disk / "job-pgids"
@@ -304,6 +304,8 @@ class JobRun:
             manifest = await asyncio.to_thread(
                 self.store.commit, snapshot, checkpoint_id, self.checkpointer.name, stdout, stderr)
             upload = time.monotonic() - started
+            if self.description.validate_checkpoint and not await asyncio.to_thread(self._validate, checkpoint_id):
+                return False
             self.log.info("checkpoint.uploaded", checkpoint=checkpoint_id, reason=reason, bytes=manifest.total_bytes,
                           new_bytes=manifest.new_bytes, pause=round(pause, 3), upload=round(upload, 3))
             delivered = await self.deliver(self._message(MessageType.CHECKPOINT_DONE, CheckpointDone(
@@ -313,6 +315,18 @@ class JobRun:
             if delivered and not final:
                 await asyncio.to_thread(self._collect_garbage)
             return delivered
+
+    def _validate(self, checkpoint_id: str) -> bool:
+        """Restore the checkpoint into a scratch folder, as a new machine would; False if it fails."""
+        scratch = self.root / "validate"
+        try:
+            ChunkStore(self.blobs, self.job_id).restore(checkpoint_id, scratch)  # remembers nothing: reads every chunk
+            return True
+        except CorruptCheckpoint as exc:
+            self.log.error("checkpoint.invalid", checkpoint=checkpoint_id, error=str(exc))
+            return False
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
 
     def _collect_garbage(self) -> None:
         dropped, chunks = self.store.collect_garbage(

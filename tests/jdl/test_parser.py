@@ -20,6 +20,7 @@ FULL = r'''
   /* two ways to write an environment */
   Environment = {OMP_NUM_THREADS = "4", "JAVA_OPTS=-Xmx2g"};
   name = "my job";
+  ValidateCheckpoint = TRUE;
 ]
 '''
 
@@ -38,6 +39,7 @@ def test_parses_every_key() -> None:
     assert job.instance_types == ("c5.large", "m5.large")
     assert job.environment == {"OMP_NUM_THREADS": "4", "JAVA_OPTS": "-Xmx2g"}
     assert job.name == "my job"
+    assert job.validate_checkpoint is True
 
 
 def test_defaults_and_single_values_as_lists() -> None:
@@ -72,6 +74,7 @@ def test_defaults_and_single_values_as_lists() -> None:
         ('Executable = "a"; Environment = {A = "1", A = "2"}', 1, 33, "sets A twice"),
         ('Executable = "a"; Arguments = {"x"}', 1, 31, "single value"),
         ('[ Executable = "a"', 1, 19, "']'"),
+        ('Executable = "a"; ValidateCheckpoint = 1', 1, 40, "expects true or false"),
         ('Executable = "a" @', 1, 18, "unexpected character"),
     ],
 )

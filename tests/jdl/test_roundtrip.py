@@ -21,6 +21,7 @@ jobs = st.builds(
     max_price=st.none() | st.floats(min_value=1e-6, max_value=1e6, allow_nan=False),
     instance_types=st.lists(nonempty, max_size=3).map(tuple),
     environment=st.dictionaries(names, text, max_size=3),
+    validate_checkpoint=st.booleans(),
 )
 
 

@@ -197,3 +197,25 @@ async def test_stop_kills_the_whole_process_group(harness: Harness) -> None:
     await asyncio.wait_for(task, 10)
     assert wait_until_gone([pgid]) == []  # the background sleep too, not just the leader
     assert not harness.of_type(MessageType.JOB_FAILED)  # a stopped job reports nothing
+
+
+async def test_validated_checkpoints_count_only_when_a_test_restore_works(harness: Harness, monkeypatch) -> None:
+    harness.upload_inputs("v1", {"counter.sh": COUNTER / "counter.sh", "input.txt": b"2\n"})
+    text = COUNTER_JDL.replace('Arguments = "40 input.txt"', 'Arguments = "1000 input.txt"') + "ValidateCheckpoint = true;\n"
+    run = harness.run("v1", text)
+    task = asyncio.create_task(run.run())
+    await wait_for_line(run.root / "stdout", "progress 10/1000")
+    assert await run.checkpoint("interval")
+    store_put = harness.blobs.put_file
+
+    def corrupting_put(key, path, progress=None):  # a storage fault that keeps the upload "successful"
+        store_put(key, path, progress)
+        if "/chunks/" in key:
+            harness.blobs.put_bytes(key, b"R" + b"garbage")
+
+    monkeypatch.setattr(harness.blobs, "put_file", corrupting_put)
+    await wait_for_line(run.root / "stdout", "progress 20/1000")
+    assert not await run.checkpoint("interval")  # uploaded, but it does not restore: it does not count
+    assert len(harness.of_type(MessageType.CHECKPOINT_DONE)) == 1
+    run.stop()
+    await asyncio.wait_for(task, 10)
