@@ -90,6 +90,7 @@ class CheckpointDone(_Body):
     upload_seconds: float
     reason: str  # interval | notice
     final: bool = False  # taken on a spot notice; the job is stopped after it
+    deadline_margin_seconds: float | None = None  # notice checkpoints: time left when it counted
 
 
 class SpotNotice(_Body):

@@ -80,6 +80,7 @@ class CheckpointRecord(BaseModel):
     pause_seconds: float
     upload_seconds: float
     reason: str  # interval | notice | final
+    deadline_margin_seconds: float | None = None
     created_at: datetime = Field(default_factory=utcnow)
     bad: bool = False  # failed verification on restore; never used again
 

@@ -47,6 +47,14 @@ def allowed_types(requested: list[str], default: str, offered: list[str]) -> lis
     return [default] if default in offered else offered
 
 
+def checkpoint_detail(record: CheckpointRecord) -> str:
+    detail = (f"{record.id} ({record.reason}): {record.size_bytes} bytes, {record.new_bytes} new, "
+              f"pause {record.pause_seconds:.2f}s, upload {record.upload_seconds:.2f}s")
+    if record.deadline_margin_seconds is not None:
+        detail += f", {record.deadline_margin_seconds:.1f}s before the machine is reclaimed"
+    return detail
+
+
 def where(entry: LedgerEntry) -> str:
     return f"{entry.market} {entry.instance_type} in {entry.zone} at ${entry.price}/h"
 
@@ -346,9 +354,7 @@ class Master:
             self.progress.disarm(job.id)
             await self.store.add_event(JobEvent(
                 job_id=job.id, kind="checkpoint",
-                detail=f"{record.id} ({record.reason}): {record.size_bytes} bytes, {record.new_bytes} new, "
-                       f"pause {record.pause_seconds:.2f}s, "
-                       f"upload {record.upload_seconds:.2f}s",
+                detail=checkpoint_detail(record),
             ))
         if final and job.instance_id:
             await self.machine_lost(job.id, job.instance_id, "spot interruption notice (checkpointed)", spot=True)

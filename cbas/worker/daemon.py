@@ -122,7 +122,7 @@ class Worker:
                     instance_id=self.instance_id, job_id=job.job_id if job else None,
                     action=str(action.get("action", "terminate")), action_time=when))))
                 if job is not None:
-                    await job.on_notice()
+                    await job.on_notice(when.timestamp())
                 return
             await asyncio.sleep(self.settings.notice_poll_interval)
 

@@ -274,7 +274,7 @@ class JobRun:
             if path.exists():
                 self.blobs.put_file(f"jobs/{self.job_id}/logs/{name}", path)
 
-    async def checkpoint(self, reason: str, final: bool = False) -> bool:
+    async def checkpoint(self, reason: str, final: bool = False, deadline: float | None = None) -> bool:
         """Quiesce and read the state, let the job go, upload (chunks then manifest), report.
         True once the checkpoint counts."""
         async with self._checkpoint_lock:
@@ -306,12 +306,17 @@ class JobRun:
             upload = time.monotonic() - started
             if self.description.validate_checkpoint and not await asyncio.to_thread(self._validate, checkpoint_id):
                 return False
+            margin = None if deadline is None else deadline - time.time()
             self.log.info("checkpoint.uploaded", checkpoint=checkpoint_id, reason=reason, bytes=manifest.total_bytes,
-                          new_bytes=manifest.new_bytes, pause=round(pause, 3), upload=round(upload, 3))
+                          new_bytes=manifest.new_bytes, pause=round(pause, 3), upload=round(upload, 3),
+                          deadline_margin=None if margin is None else round(margin, 3))
+            if margin is not None and margin < 0:
+                self.log.error("checkpoint.missed_notice_deadline", checkpoint=checkpoint_id, late_by=round(-margin, 3))
             delivered = await self.deliver(self._message(MessageType.CHECKPOINT_DONE, CheckpointDone(
                 job_id=self.job_id, attempt=self.start.attempt, checkpoint_id=checkpoint_id,
                 manifest_key=self.store.manifest_key(checkpoint_id), size_bytes=manifest.total_bytes,
-                new_bytes=manifest.new_bytes, pause_seconds=pause, upload_seconds=upload, reason=reason, final=final)))
+                new_bytes=manifest.new_bytes, pause_seconds=pause, upload_seconds=upload, reason=reason, final=final,
+                deadline_margin_seconds=margin)))
             if delivered and not final:
                 await asyncio.to_thread(self._collect_garbage)
             return delivered
@@ -334,11 +339,12 @@ class JobRun:
         if dropped:
             self.log.info("checkpoint.collected", dropped=dropped, chunks=chunks)
 
-    async def on_notice(self) -> None:
-        """The machine will be reclaimed: checkpoint now, then stop; the master restarts us elsewhere."""
+    async def on_notice(self, deadline: float | None = None) -> None:
+        """The machine will be reclaimed at `deadline` (unix time): checkpoint now, upload before
+        then, and stop; the master restarts the job elsewhere."""
         if self.stopping or self.phase in ("finishing", "done"):
             return
-        if not await self.checkpoint("notice", final=True):
+        if not await self.checkpoint("notice", final=True, deadline=deadline):
             self.stop()
 
     def stop(self) -> None:

@@ -176,3 +176,19 @@ async def test_real_dmtcp_restarts_a_killed_program_to_the_same_output(harness: 
     numbers = [line for line in stdout.splitlines() if re.fullmatch(r"\d+ \d+", line)]
     assert "\n".join(numbers) + "\n" == expected_sums()  # every line once: resumed, not rerun
     assert second.checkpointer.hook is not None  # the hook plugin was built and loaded
+
+
+async def test_without_the_plugin_it_checkpoints_after_the_resume_and_warns(
+    harness: Harness, fake_dmtcp: Path, capsys: pytest.CaptureFixture[str],
+) -> None:
+    shutil.rmtree(fake_dmtcp / "include")  # no dmtcp.h: the hook cannot be built
+    harness.upload_inputs("d5", {"counter.sh": COUNTER / "counter.sh", "input.txt": b"1\n"})
+    run = harness.run("d5", counter_jdl(1000))
+    task = asyncio.create_task(run.run())
+    await wait_for_line(run.root / "stdout", "progress 10/1000")
+    assert await run.checkpoint("interval")
+    assert run.checkpointer.hook is None
+    assert "dmtcp.no_hook" in capsys.readouterr().out
+    assert harness.of_type(MessageType.CHECKPOINT_DONE)
+    run.stop()
+    await asyncio.wait_for(task, 10)

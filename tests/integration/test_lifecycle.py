@@ -60,6 +60,9 @@ def test_a_job_preempted_twice_resumes_from_its_checkpoints(cluster: Cluster) ->
     assert [z.split(" in ")[1].split()[0] for z in zones] == ["z1", "z2", "z3"]
     notices = [e for e in job["events"] if e["kind"] == "preempted"]
     assert all("checkpointed" in e["detail"] for e in notices)
+    margins = [float(re.search(r"([\d.]+)s before the machine is reclaimed", e["detail"]).group(1))
+               for e in job["events"] if e["kind"] == "checkpoint" and "(notice)" in e["detail"]]
+    assert len(margins) == 2 and all(m > 0 for m in margins)  # uploaded inside the notice window
     out = fetch_output(cluster, job_id)
     assert (out / "output.txt").read_text() == expected_counter(250)
     resumed = [int(n) for n in re.findall(r"resuming at (\d+)", (out / "stdout").read_text())]
