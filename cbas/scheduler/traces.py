@@ -18,6 +18,11 @@ from pathlib import Path
 REQUIRED_COLUMNS = ("timestamp", "zone", "instance_type", "available", "spot_price", "ondemand_price")
 
 
+# Spot price / on-demand for a market whose trace never gives a price: the ratio measured on the
+# priced p3.2xlarge markets of the 2023 traces (scripts/measure_market.py).
+UNKNOWN_SPOT_FRACTION = 0.3
+
+
 class TraceError(ValueError):
     pass
 
@@ -45,9 +50,14 @@ class MarketSeries:
         price = self.price_at(t)
         return price <= (max_price if max_price is not None else self.ondemand_price)
 
+    @property
+    def priced(self) -> bool:
+        return any(price is not None for price in self.spot_price)
+
     def price_at(self, t: float) -> float:
+        """The spot price then; before any known price, a fixed fraction of on-demand."""
         price = self.spot_price[self.index_at(t)]
-        return price if price is not None else self.ondemand_price
+        return price if price is not None else UNKNOWN_SPOT_FRACTION * self.ondemand_price
 
 
 @dataclass

@@ -1,0 +1,87 @@
+"""The simulator's accounting, against hand-computed cases, for both billing granularities."""
+
+from __future__ import annotations
+
+import pytest
+
+from cbas.scheduler.model import JobSpec, MarketSteps, Scenario
+from cbas.scheduler.simulator import ON_DEMAND, WAIT, Progress, simulate
+
+
+def market(available: list[bool], price: float | list[float] = 0.3, zone: str = "a") -> MarketSteps:
+    prices = price if isinstance(price, list) else [price] * len(available)
+    return MarketSteps(zone, "t", 1.0, prices, available)
+
+
+class Script:
+    """A policy that plays a fixed list of actions (then its last one)."""
+
+    name = "script"
+
+    def __init__(self, actions: list[int]) -> None:
+        self.actions = actions
+
+    def reset(self, job: JobSpec, scenario: Scenario) -> None:
+        pass
+
+    def decide(self, now: Progress) -> int:
+        return self.actions[min(now.step, len(self.actions) - 1)]
+
+
+def test_per_second_spot_run_pays_restart_and_work() -> None:
+    scenario = Scenario([market([True] * 30)])
+    result = simulate(JobSpec(1.0, 3.0, 0.1), scenario, Script([0]))
+    assert result.cost == pytest.approx(0.3 * 1.1)
+    assert result.finished_hours == pytest.approx(1.1)
+    assert (result.starts, result.preemptions, result.missed) == (1, 0, False)
+
+
+def test_a_preemption_costs_a_second_restart() -> None:
+    available = [True] * 5 + [False] + [True] * 24
+    result = simulate(JobSpec(1.0, 3.0, 0.1), Scenario([market(available)]), Script([0]))
+    # 5 steps on the first machine (0.1 warm-up + 0.4 work), 1 step down, then 0.1 + 0.6
+    assert result.preemptions == 1 and result.starts == 2
+    assert result.finished_hours == pytest.approx(0.5 + 0.1 + 0.7)
+    assert result.cost == pytest.approx(0.3 * (0.5 + 0.7))
+
+
+def test_on_demand_and_the_last_partial_step() -> None:
+    result = simulate(JobSpec(0.25, 1.0, 0.1), Scenario([market([False] * 10)]), Script([ON_DEMAND]))
+    assert result.finished_hours == pytest.approx(0.35)
+    assert result.cost == pytest.approx(1.0 * 0.35)
+    assert result.ondemand_hours == pytest.approx(0.35)
+
+
+def test_hourly_billing_charges_started_hours_at_each_hours_first_price() -> None:
+    prices = [0.2] * 10 + [0.5] * 20
+    scenario = Scenario([market([True] * 30, prices)], billing="hour")
+    result = simulate(JobSpec(1.0, 3.0, 0.1), scenario, Script([0]))
+    assert result.finished_hours == pytest.approx(1.1)
+    assert result.cost == pytest.approx(0.2 + 0.5)  # two started hours, priced at their starts
+
+
+def test_hourly_billing_a_reclaimed_spot_machines_last_partial_hour_is_free() -> None:
+    available = [True] * 15 + [False] * 5 + [True] * 20
+    scenario = Scenario([market(available)], billing="hour")
+    result = simulate(JobSpec(1.5, 4.0, 0.1), scenario, Script([0]))
+    # first machine: 1.5 h, reclaimed: 1 hour charged; second: 0.1 + 0.2 h: one started hour
+    assert result.preemptions == 1
+    assert result.cost == pytest.approx(0.3 * 1 + 0.3 * 1)
+
+
+def test_hourly_billing_a_machine_we_stop_pays_its_partial_hour() -> None:
+    scenario = Scenario([market([True] * 40)], billing="hour")
+    result = simulate(JobSpec(1.0, 4.0, 0.1), scenario, Script([0] * 5 + [WAIT] * 5 + [0]))
+    # 0.5 h, stopped by us: one hour; then 0.1 + 0.6 h: one hour
+    assert result.cost == pytest.approx(0.3 * 2)
+
+
+def test_a_miss_is_costed_as_finishing_on_demand() -> None:
+    result = simulate(JobSpec(1.0, 2.0, 0.1), Scenario([market([False] * 20)]), Script([WAIT]))
+    assert result.missed and result.finished_hours is None
+    assert result.cost == pytest.approx(1.0 * 1.1)
+
+
+def test_launching_where_there_is_no_capacity_is_waiting() -> None:
+    result = simulate(JobSpec(0.5, 1.0, 0.1), Scenario([market([False] * 10)]), Script([0]), keep_actions=True)
+    assert set(result.actions) == {WAIT} and result.starts == 0
