@@ -8,7 +8,9 @@ plus a restart, run on on-demand to the end, so none misses a deadline on-demand
 
 from __future__ import annotations
 
+import bisect
 import math
+from typing import NamedTuple
 
 from cbas.scheduler.model import JobSpec, Scenario
 from cbas.scheduler.simulator import ON_DEMAND, WAIT, Progress
@@ -91,82 +93,132 @@ class UniformProgress(_Base):
         return ON_DEMAND if now.progress < line else WAIT
 
 
+class MarketNow(NamedTuple):
+    price: float
+    available: bool
+    residual_up_hours: float  # expected hours of capacity left, from what has been seen
+
+
+class Situation(NamedTuple):
+    """What ours decides from, in the simulator and in the master alike."""
+
+    remaining_hours: float
+    time_left_hours: float
+    slack_hours: float  # the job's whole slack (deadline - work), to tell how much is left
+    restart_hours: float
+    mode: int  # WAIT, ON_DEMAND or the index of the spot market it runs on
+    warming_hours: float
+    markets: list[MarketNow]
+    cheapest_seen: float  # the lowest spot price seen with capacity
+
+
+class AvailabilityHistory:
+    """Spot capacity of each market as observed over time (hours); no look into the future.
+    Capacity comes in heavy-tailed periods, so how long a market has been up predicts how long
+    it stays up: its mean residual up-time at that age, from the completed periods seen."""
+
+    def __init__(self, markets: int, unknown_residual_hours: float) -> None:
+        self.unknown = unknown_residual_hours  # for a market up since before we looked
+        self.up_since = [0.0] * markets
+        self.completed: list[list[float]] = [[] for _ in range(markets)]  # sorted
+        self.suffix: list[list[float]] = [[0.0] for _ in range(markets)]  # sums of completed[m][i:]
+        self.last_seen = [False] * markets
+        self.seen_rise = [False] * markets
+        self.observed = False
+        self.cheapest_seen = float("inf")
+
+    def observe(self, hours: float, available: list[bool], prices: list[float]) -> None:
+        for m, up in enumerate(available):
+            if up:
+                self.cheapest_seen = min(self.cheapest_seen, prices[m])
+            if up and not self.last_seen[m]:
+                self.up_since[m] = hours
+                self.seen_rise[m] = self.observed
+            elif not up and self.last_seen[m]:
+                periods = self.completed[m]
+                bisect.insort(periods, hours - self.up_since[m])
+                suffix = [0.0] * (len(periods) + 1)
+                for i in range(len(periods) - 1, -1, -1):
+                    suffix[i] = suffix[i + 1] + periods[i]
+                self.suffix[m] = suffix
+            self.last_seen[m] = up
+        self.observed = True
+
+    def residual_up(self, m: int, hours: float, floor: float) -> float:
+        age = hours - self.up_since[m]
+        periods = self.completed[m]
+        first_longer = bisect.bisect_right(periods, age)
+        if first_longer < len(periods):
+            return self.suffix[m][first_longer] / (len(periods) - first_longer) - age
+        if not self.seen_rise[m]:
+            return self.unknown
+        return max(age, floor)  # no period this long seen yet: Lindy's guess
+
+
+def cbas_choice(now: Situation, step_hours: float) -> int:
+    """Ours: the market with the lowest price per useful hour (restarts counted at its expected
+    rate); move only when the saving over the expected stay pays the restart twice; sit out price
+    spikes while the slack allows; keep exactly the slack needed to never miss a deadline
+    on-demand could meet: a spot start needs two restarts of slack (its own and an on-demand
+    fall-back), a running spot machine one."""
+    restart = now.restart_hours
+    slack = now.time_left_hours - now.remaining_hours
+    if now.mode == ON_DEMAND:
+        return ON_DEMAND
+    running = now.mode >= 0
+    if running and slack - now.warming_hours < restart - 1e-9:
+        return ON_DEMAND
+    can_start = slack >= 2 * restart - 1e-9
+    if not running and not can_start:
+        return ON_DEMAND
+    choices = [m for m, market in enumerate(now.markets) if market.available]
+    if not choices:
+        return WAIT
+
+    def per_useful_hour(m: int) -> float:
+        stay = max(now.markets[m].residual_up_hours, step_hours)
+        return now.markets[m].price / (1.0 - min(0.9, restart / stay))
+
+    cost = {m: per_useful_hour(m) for m in choices}
+    best = min(choices, key=cost.__getitem__)
+    slack_share = slack / max(now.slack_hours, step_hours)
+    spike = slack_share > 0.5 and now.markets[best].price > 1.5 * now.cheapest_seen
+    if running:
+        if spike and can_start:
+            return WAIT
+        stay = min(now.remaining_hours, now.markets[best].residual_up_hours)
+        moving_pays = (cost[now.mode] - cost[best]) * stay > 2 * cost[best] * restart
+        return best if moving_pays and can_start else now.mode
+    return WAIT if spike else best
+
+
 @policy("cbas")
 class Cbas(_Base):
-    """Ours. Uses every market of the job's type, and what it has seen of them so far (never the
-    future): spot capacity comes in heavy-tailed periods, so a market that has been up for long is
-    likely to stay up (its mean residual up-time at that age, from the periods seen). It runs on
-    the market with the lowest price per useful hour (restarts counted at that market's expected
-    rate), moves only when the saving over the expected stay pays the restart twice, waits while
-    the slack is ample and nothing near the best seen is available, and keeps exactly the slack
-    it needs to never miss a deadline on-demand could meet: starting a spot machine needs two
-    restarts of slack (its own and an on-demand fall-back), a running one needs one."""
+    """Ours (cbas_choice), over every market of the job's instance type."""
 
     def reset(self, job: JobSpec, scenario: Scenario) -> None:
         super().reset(job, scenario)
-        count = len(scenario.markets)
-        self.up_since = [0] * count  # step when the current period with capacity began
-        self.completed: list[list[float]] = [[] for _ in range(count)]  # finished up-periods, hours
-        self.last_seen = [False] * count
-        self.seen_rise = [False] * count  # saw the current period begin (else its age is unknown)
-        self.cheapest_seen = float("inf")
-
-    def _observe(self, index: int) -> None:
-        for m, market in enumerate(self.scenario.markets):
-            up = market.available[index]
-            if up:
-                self.cheapest_seen = min(self.cheapest_seen, market.price[index])
-            if up and not self.last_seen[m]:
-                self.up_since[m] = index
-                self.seen_rise[m] = index > 0
-            elif not up and self.last_seen[m] and index > 0:
-                self.completed[m].append((index - self.up_since[m]) * self.step)
-            self.last_seen[m] = up
-
-    def _residual_up(self, m: int, index: int) -> float:
-        """Expected hours of capacity left in market m, given how long it has been up."""
-        age = (index - self.up_since[m]) * self.step
-        longer = [d for d in self.completed[m] if d > age]
-        if longer:
-            return sum(longer) / len(longer) - age
-        if not self.seen_rise[m]:  # up since before we looked: it has lasted at least this long
-            return self.job.deadline_hours
-        return max(age, self.job.restart_hours)  # no period this long seen yet: Lindy's guess
-
-    def _cost_per_useful_hour(self, m: int, index: int) -> float:
-        stay = max(self._residual_up(m, index), self.step)
-        overhead = min(0.9, self.job.restart_hours / stay)
-        return self.scenario.markets[m].price[index] / (1.0 - overhead)
+        self.history = AvailabilityHistory(len(scenario.markets), job.deadline_hours)
 
     def decide(self, now: Progress) -> int:
         index = now.step
-        self._observe(index)
-        restart = self.job.restart_hours
-        remaining = self.job.work_hours - now.progress
-        slack = self.time_left(now) - remaining  # hours that may still go to restarts and waiting
+        hours = index * self.step
+        markets = self.scenario.markets
+        available = [m.available[index] for m in markets]
+        self.history.observe(hours, available, [m.price[index] for m in markets])
         if now.mode == ON_DEMAND:
-            return ON_DEMAND
-        running = now.mode >= 0
-        if running and slack - now.warming < restart - 1e-9:
-            return ON_DEMAND  # only the on-demand fall-back's restart is left
-        can_start = slack >= 2 * restart - 1e-9
-        if not running and not can_start:
-            return ON_DEMAND
-        choices = [m for m, market in enumerate(self.scenario.markets) if market.available[index]]
-        if not choices:
-            return WAIT
-        cost = {m: self._cost_per_useful_hour(m, index) for m in choices}
-        best = min(choices, key=cost.__getitem__)
-        # with slack to spare, sit out a price spike: the cheapest price seen comes back
-        slack_share = slack / max(self.job.slack_hours, self.step)
-        spike = slack_share > 0.5 and self.scenario.markets[best].price[index] > 1.5 * self.cheapest_seen
-        if running:
-            if spike and can_start:
-                return WAIT
-            stay = min(remaining, self._residual_up(best, index))
-            moving_pays = (cost[now.mode] - cost[best]) * stay > 2 * cost[best] * restart
-            return best if moving_pays and can_start else now.mode
-        return WAIT if spike else best
+            return ON_DEMAND  # committed: nothing to weigh
+        return cbas_choice(Situation(
+            remaining_hours=self.job.work_hours - now.progress,
+            time_left_hours=self.time_left(now),
+            slack_hours=self.job.slack_hours,
+            restart_hours=self.job.restart_hours,
+            mode=now.mode,
+            warming_hours=now.warming,
+            markets=[MarketNow(m.price[index], up, self.history.residual_up(i, hours, self.job.restart_hours) if up else 0.0)
+                     for i, (m, up) in enumerate(zip(markets, available))],
+            cheapest_seen=self.history.cheapest_seen,
+        ), self.step)
 
 
 def make(name: str, home: int = 0):  # type: ignore[no-untyped-def]
