@@ -157,6 +157,7 @@ def _print_job(job: dict[str, Any]) -> None:
     console.print(
         f"restarts {job['restarts']}  preemptions {job['preemptions']}  checkpoints {job['checkpoints']}  "
         f"runtime {_duration(job['runtime_seconds'])}  cost ${job['cost_so_far']:.4f}"
+        + (f" (predicted ${job['predicted_cost']:.4f})" if job.get("predicted_cost") is not None else "")
     )
     if job.get("exit_code") is not None:
         console.print(f"exit code {job['exit_code']}")

@@ -118,6 +118,7 @@ class JobFailed(_Body):
 class StopJob(_Body):
     job_id: str
     reason: str = ""
+    checkpoint: bool = False  # checkpoint first (the job moves elsewhere), or just stop
 
 
 BODY_MODELS: dict[MessageType, type[_Body]] = {

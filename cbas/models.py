@@ -39,6 +39,9 @@ class Job(BaseModel):
     run_seconds: float = 0.0  # seconds spent RUNNING, summed over attempts
     running_since: datetime | None = None
     cost: float = 0.0  # USD of machines already terminated
+    predicted_cost: float | None = None  # USD the scheduler expected the job to cost, at its first placement
+    provisioned_at: datetime | None = None  # when the current machine was asked for
+    restart_seconds: float | None = None  # measured: machine asked for -> job running again
     exit_code: int | None = None
     error: str | None = None
     stderr_tail: str | None = None

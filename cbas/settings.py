@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     boot_timeout: float = 300.0  # seconds for a launched machine's worker to announce itself
     schedule_interval: float = 5.0  # seconds between scheduler passes over queued jobs
     default_instance_type: str = "m5.large"
+    batch_window: float = 1.0  # seconds to gather arrivals before a scheduling pass
+    restart_overhead: float = 300.0  # seconds from launch to running again, until measured per job
+    migrate_timeout: float = 120.0  # seconds a moving job's worker has to checkpoint and stop
     seen_message_window: float = 86400.0  # seconds a message id is remembered
     # a restart from a checkpoint that takes no new checkpoint within this many seconds is stalled
     # (default: 3 checkpoint intervals plus a minute); it falls back to the checkpoint before

@@ -48,6 +48,9 @@ class JobDescription(BaseModel):
     # Seconds between periodic checkpoints; a spot notice triggers one at once regardless.
     checkpoint_interval: int = Field(default=600, ge=1)
     deadline: str | None = None
+    # expected compute time on its instance type (a duration): with a Deadline, it lets the
+    # scheduler weigh spot against on-demand and never miss a deadline on-demand could meet
+    runtime: str | None = None
     max_price: float | None = Field(default=None, gt=0)
     instance_types: tuple[str, ...] = ()
     environment: dict[str, str] = Field(default_factory=dict)
@@ -69,6 +72,17 @@ class JobDescription(BaseModel):
                 "nor a duration (36h, 2d 12h, 90m)"
             ) from None
         return value
+
+    @field_validator("runtime")
+    @classmethod
+    def _runtime_is_duration(cls, value: str | None) -> str | None:
+        if value is not None and parse_duration(value) is None:
+            raise ValueError(f"{value!r} is not a duration (12h, 1d 6h, 90m, 45s)")
+        return value
+
+    def runtime_hours(self) -> float | None:
+        duration = parse_duration(self.runtime) if self.runtime else None
+        return duration.total_seconds() / 3600.0 if duration else None
 
     @field_validator("environment")
     @classmethod

@@ -31,6 +31,7 @@ KEYS: dict[str, tuple[str, str]] = {
     "CheckpointStrategy": ("checkpoint_strategy", "string"),
     "CheckpointInterval": ("checkpoint_interval", "integer"),
     "Deadline": ("deadline", "string"),
+    "Runtime": ("runtime", "string"),
     "MaxPrice": ("max_price", "number"),
     "InstanceTypes": ("instance_types", "list"),
     "Environment": ("environment", "environment"),

@@ -17,11 +17,11 @@ import structlog
 from cbas import jdl
 from cbas.backends import BlobStore, CapacityError, Cloud, DeliveryError, JobStore, MessageBus, MessageRejected, NotFound
 from cbas.master.resource_manager import ResourceManager
+from cbas.master.scheduler_adapter import SchedulerAdapter
 from cbas.master.timers import Deadlines
 from cbas.master.worker_manager import WorkerManager
 from cbas.messages import MASTER, Envelope, MessageType, Ping, StartJob, StopJob, envelope, worker_address
 from cbas.models import CheckpointRecord, Job, JobEvent, LedgerEntry, utcnow
-from cbas.scheduler.placement import cheapest_spot
 from cbas.settings import Settings
 from cbas.state import JobState, can_transition
 
@@ -45,6 +45,14 @@ def allowed_types(requested: list[str], default: str, offered: list[str]) -> lis
     if requested:
         return [kind for kind in requested if kind in offered]
     return [default] if default in offered else offered
+
+
+def measured_restart(job: Job) -> float | None:
+    """Launch to running, averaged over the job's starts (exponentially, the newest weighing most)."""
+    if job.provisioned_at is None:
+        return job.restart_seconds
+    sample = (utcnow() - job.provisioned_at).total_seconds()
+    return sample if job.restart_seconds is None else 0.5 * job.restart_seconds + 0.5 * sample
 
 
 def checkpoint_detail(record: CheckpointRecord) -> str:
@@ -73,6 +81,9 @@ class Master:
         self.resources = ResourceManager(self.store, self.cloud, settings.cluster)
         self.workers = workers or WorkerManager(settings)
         self.progress = Deadlines()  # job id -> when a restart from a checkpoint counts as stalled
+        self.adapter = SchedulerAdapter(settings)
+        self.moving: dict[str, tuple[str, float]] = {}  # job id -> why it moves, and by when
+        self._waiting: dict[str, str] = {}  # job id -> the last wait reason recorded
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -110,6 +121,7 @@ class Master:
             if step == self.schedule:
                 try:
                     await asyncio.wait_for(self._wake.wait(), timeout=period)
+                    await asyncio.sleep(self.settings.batch_window)  # gather arrivals into one pass
                 except TimeoutError:
                     pass
                 self._wake.clear()
@@ -227,46 +239,70 @@ class Master:
 
     # --- scheduling -------------------------------------------------------------------------
     async def schedule(self) -> None:
-        queued = await self.store.list_jobs({JobState.QUEUED})
-        if not queued:
-            return
+        """One pass over queued and running jobs together, least slack first."""
         offers = await self.cloud.offers()
-        live_jobs = {entry.job_id for entry in await self.store.list_ledger(live_only=True)}
-        for job in queued:
-            if job.id in live_jobs:
-                continue  # a launch for it is already under way
-            description = jdl.parse(job.jdl)
-            offered = sorted({offer.instance_type for offer in offers})
+        self.adapter.observe(offers)  # every pass: the market's history informs later choices
+        jobs = await self.store.list_jobs({JobState.QUEUED, JobState.RUNNING})
+        if not jobs:
+            return
+        offered = sorted({offer.instance_type for offer in offers})
+        live = {entry.job_id: entry for entry in await self.store.list_ledger(live_only=True)}
+        described = [(job, jdl.parse(job.jdl)) for job in jobs]
+        described.sort(key=lambda pair: self.adapter.slack_hours(*pair))
+        for job, description in described:
             types = allowed_types(list(description.instance_types), self.settings.default_instance_type, offered)
-            if not types:
-                await self.transition(
-                    job.id, JobState.FAILED, event="failed",
-                    detail=f"no market offers {', '.join(description.instance_types)} (offered: {', '.join(offered)})",
-                    update=lambda _: {"error": f"InstanceTypes {list(description.instance_types)} are not offered; "
-                                               f"offered types: {', '.join(offered)}"},
-                )
-                continue
-            placement = cheapest_spot(types, description.max_price, offers)
-            if placement is None:
-                log.info("job.waiting", job_id=job.id, reason="no market within the max price")
-                continue
-            try:
-                entry = await self.resources.launch(job.id, placement, description.max_price)
-            except CapacityError as exc:
-                log.info("launch.no_capacity", job_id=job.id, error=str(exc))
-                continue
-            assert entry.instance_id is not None
-            self.workers.launched(entry.instance_id)
-            placed = await self.transition(
-                job.id, JobState.PROVISIONING, event="provisioning",
-                detail=where(entry),
-                update=lambda _: {"instance_id": entry.instance_id},
+            if job.state == JobState.QUEUED:
+                await self._place(job, description, types, offered, live)
+            elif job.id in live and job.id not in self.moving and types:
+                decision = self.adapter.review(job, description, types, live[job.id])
+                if decision.action == "move":
+                    await self.move(job, decision.reason)
+
+    async def _place(self, job: Job, description: jdl.JobDescription, types: list[str], offered: list[str],
+                     live: dict[str, LedgerEntry]) -> None:
+        if job.id in live:
+            return  # a launch for it is already under way
+        if not types:
+            await self.transition(
+                job.id, JobState.FAILED, event="failed",
+                detail=f"no market offers {', '.join(description.instance_types)} (offered: {', '.join(offered)})",
+                update=lambda _: {"error": f"InstanceTypes {list(description.instance_types)} are not offered; "
+                                           f"offered types: {', '.join(offered)}"},
             )
-            if placed is None:
-                current = await self.store.get_job(job.id)
-                if current.instance_id != entry.instance_id:  # cancelled meanwhile
-                    await self._release(job.id, entry.instance_id, reason="job no longer queued")
-                # else: its worker announced itself first and placed the job already
+            return
+        decision = self.adapter.place(job, description, types)
+        if decision.action == "wait" or decision.placement is None:
+            if self._waiting.get(job.id) != decision.reason:
+                self._waiting[job.id] = decision.reason
+                await self.store.add_event(JobEvent(job_id=job.id, kind="waiting", detail=decision.reason))
+            return
+        self._waiting.pop(job.id, None)
+        try:
+            entry = await self.resources.launch(job.id, decision.placement, description.max_price)
+        except CapacityError as exc:
+            log.info("launch.no_capacity", job_id=job.id, error=str(exc))
+            return
+        assert entry.instance_id is not None
+        self.workers.launched(entry.instance_id)
+        placed = await self.transition(
+            job.id, JobState.PROVISIONING, event="provisioning", detail=f"{where(entry)}: {decision.reason}",
+            update=lambda j: {"instance_id": entry.instance_id, "provisioned_at": utcnow(),
+                              "predicted_cost": j.predicted_cost if j.predicted_cost is not None else decision.predicted_cost},
+        )
+        if placed is None:
+            current = await self.store.get_job(job.id)
+            if current.instance_id != entry.instance_id:  # cancelled meanwhile
+                await self._release(job.id, entry.instance_id, reason="job no longer queued")
+            # else: its worker announced itself first and placed the job already
+
+    async def move(self, job: Job, reason: str) -> None:
+        """Checkpoint the job and stop it, to run it again where the policy now wants it."""
+        if not job.instance_id:
+            return
+        self.moving[job.id] = (reason, time.time() + self.settings.migrate_timeout)
+        await self.store.add_event(JobEvent(job_id=job.id, kind="moving", detail=reason))
+        await self._send_quietly(envelope(MessageType.STOP_JOB, StopJob(job_id=job.id, reason=reason, checkpoint=True),
+                                          MASTER, worker_address(job.instance_id)))
 
     # --- worker events ----------------------------------------------------------------------
     async def worker_started(self, instance_id: str) -> None:
@@ -326,7 +362,8 @@ class Master:
                 detail += f"; unusable checkpoints: {', '.join(ping.bad_checkpoints)}"
             running = await self.transition(
                 ping.job_id, JobState.RUNNING, attempt=ping.attempt, instance_id=ping.instance_id,
-                event="running", detail=detail, update=lambda _: {"restored_from": ping.restored_from})
+                event="running", detail=detail, update=lambda j: {
+                    "restored_from": ping.restored_from, "restart_seconds": measured_restart(j)})
             if running is not None:
                 self._watch_progress(running)
 
@@ -357,7 +394,12 @@ class Master:
                 detail=checkpoint_detail(record),
             ))
         if final and job.instance_id:
-            await self.machine_lost(job.id, job.instance_id, "spot interruption notice (checkpointed)", spot=True)
+            if job.id in self.moving:
+                reason, _ = self.moving.pop(job.id)
+                await self._restart_elsewhere(job.id, job.instance_id, f"{reason} (checkpointed)", event="moved",
+                                              update=lambda j: {})
+            else:
+                await self.machine_lost(job.id, job.instance_id, "spot interruption notice (checkpointed)", spot=True)
 
     async def spot_notice(self, instance_id: str, action_time: float) -> None:
         entry = await self.resources.entry_for(instance_id)
@@ -380,6 +422,13 @@ class Master:
             await self._release(job_id, job.instance_id, reason=f"job {target.lower()}")
 
     async def check_workers(self) -> None:
+        for job_id, (reason, deadline) in list(self.moving.items()):
+            if time.time() > deadline:
+                del self.moving[job_id]
+                job = await self.store.get_job(job_id)
+                if job.instance_id and job.state.has_machine():
+                    await self._restart_elsewhere(job_id, job.instance_id, f"{reason}; no checkpoint came in time",
+                                                  event="moved", update=lambda j: {})
         for job_id in self.progress.pop_expired(time.time()):
             job = await self.store.get_job(job_id)
             if job.state == JobState.RUNNING and job.restored_from and job.attempt_checkpoints == 0:

@@ -165,5 +165,8 @@ async def on_start_job(worker: Worker, message: Envelope, body: StartJob) -> Non
 @registry.handler(MessageType.STOP_JOB)
 async def on_stop_job(worker: Worker, message: Envelope, body: StopJob) -> None:
     if worker.job is not None and worker.job.job_id == body.job_id:
-        log.info("job.stopping", job_id=body.job_id, reason=body.reason)
-        worker.job.stop()
+        log.info("job.stopping", job_id=body.job_id, reason=body.reason, checkpoint=body.checkpoint)
+        if body.checkpoint:  # the job moves: save it first, as on a spot notice
+            worker._background(worker.job.on_notice())
+        else:
+            worker.job.stop()

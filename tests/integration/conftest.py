@@ -36,6 +36,8 @@ FAST = {
     "CBAS_LOG_UPLOAD_INTERVAL": "0.5",
     "CBAS_MARKET_TIME_SCALE": "1",
     "CBAS_MARKET_NOTICE_SECONDS": "1.5",
+    "CBAS_BATCH_WINDOW": "0.1",
+    "CBAS_RESTART_OVERHEAD": "2",
 }
 CALM = {("z1", "c5.large"): (0.03, 0.085, [(0.0, True)])}
 

@@ -15,6 +15,7 @@ FULL = r'''
   CheckpointStrategy = dmtcp;
   CheckpointInterval = 900
   Deadline = "2026-12-01T18:00:00Z";
+  Runtime = "36h";
   MaxPrice = 0.25;
   InstanceTypes = {"c5.large", "m5.large"};
   /* two ways to write an environment */
@@ -35,6 +36,7 @@ def test_parses_every_key() -> None:
     assert job.checkpoint_strategy == "dmtcp"
     assert job.checkpoint_interval == 900
     assert job.deadline == "2026-12-01T18:00:00Z"
+    assert job.runtime_hours() == 36.0
     assert job.max_price == 0.25
     assert job.instance_types == ("c5.large", "m5.large")
     assert job.environment == {"OMP_NUM_THREADS": "4", "JAVA_OPTS": "-Xmx2g"}
@@ -60,6 +62,7 @@ def test_defaults_and_single_values_as_lists() -> None:
         ('Executable = "a";\nMaxPrice = "cheap"', 2, 12, "expects a number"),
         ('Executable = "a";\nCheckpointStrategy = "magic"', 2, 22, "CheckpointStrategy"),
         ('Executable = "a";\nDeadline = "soon"', 2, 12, "neither an ISO time"),
+        ('Executable = "a";\nRuntime = "2026-01-01T00:00:00Z"', 2, 11, "is not a duration"),
         ('Executable = "a";\nMaxPrice = -1', 2, 12, "MaxPrice"),
         ('Executable = "a', 1, 14, "never closed"),
         ('Executable = "a\\q"', 1, 16, "unknown escape"),

@@ -18,6 +18,7 @@ jobs = st.builds(
     checkpoint_strategy=st.sampled_from(["dmtcp", "directory", "signal", "volume"]),
     checkpoint_interval=st.integers(min_value=1, max_value=10**7),
     deadline=st.none() | st.sampled_from(["36h", "2d 4h", "90m", "2026-12-01T18:00:00Z", "2027-01-01T00:00:00+02:00"]),
+    runtime=st.none() | st.sampled_from(["12h", "1d 6h", "45s", "2.5h"]),
     max_price=st.none() | st.floats(min_value=1e-6, max_value=1e6, allow_nan=False),
     instance_types=st.lists(nonempty, max_size=3).map(tuple),
     environment=st.dictionaries(names, text, max_size=3),

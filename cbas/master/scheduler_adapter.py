@@ -1,0 +1,148 @@
+"""Turns the scheduling policy's choices into placements, waits and moves for the master.
+
+Jobs with a Deadline and a Runtime are scheduled by ours (cbas.scheduler.policies.cbas_choice,
+the policy the benchmark scores) over every market of their instance types, from what the master
+has observed of the cloud's offers; other jobs get the cheapest spot market with capacity.
+Pure apart from the clock it is given: the master does the I/O.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Callable, Literal
+
+from cbas.jdl import JobDescription, parse_deadline
+from cbas.models import Job, LedgerEntry, Offer
+from cbas.scheduler.placement import Placement, cheapest_spot
+from cbas.scheduler.policies import AvailabilityHistory, MarketNow, Situation, cbas_choice
+from cbas.scheduler.simulator import ON_DEMAND, WAIT
+from cbas.settings import Settings
+from cbas.state import JobState
+
+Clock = Callable[[], float]
+UNKNOWN_UP_HOURS = 24.0  # a market with capacity since before the master looked
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: Literal["wait", "launch", "keep", "move"]
+    placement: Placement | None = None  # for launch
+    reason: str = ""
+    predicted_cost: float | None = None  # USD to finish the job, as the policy expects
+
+
+class SchedulerAdapter:
+    def __init__(self, settings: Settings, clock: Clock = time.time) -> None:
+        self.settings = settings
+        self.clock = clock
+        self.keys: list[tuple[str, str]] = []
+        self.history = AvailabilityHistory(0, UNKNOWN_UP_HOURS)
+        self.offers: dict[tuple[str, str], Offer] = {}
+
+    def observe(self, offers: list[Offer]) -> None:
+        keys = sorted((o.zone, o.instance_type) for o in offers)
+        if keys != self.keys:  # markets came or went: start the history again
+            self.keys = keys
+            self.history = AvailabilityHistory(len(keys), UNKNOWN_UP_HOURS)
+        self.offers = {(o.zone, o.instance_type): o for o in offers}
+        current = [self.offers[k] for k in keys]
+        self.history.observe(self.clock() / 3600.0, [o.available for o in current], [o.spot_price for o in current])
+
+    # --- the job's numbers ----------------------------------------------------------------------
+    @staticmethod
+    def deadline_aware(description: JobDescription) -> bool:
+        return description.deadline is not None and description.runtime is not None
+
+    def restart_hours(self, job: Job) -> float:
+        seconds = job.restart_seconds if job.restart_seconds is not None else self.settings.restart_overhead
+        return seconds / 3600.0
+
+    def progress_hours(self, job: Job) -> float:
+        seconds = job.run_seconds
+        if job.state == JobState.RUNNING and job.running_since is not None:
+            seconds += self.clock() - job.running_since.timestamp()
+        return seconds / 3600.0
+
+    def slack_hours(self, job: Job, description: JobDescription) -> float:
+        """Hours to spare before the deadline; infinite for a job without one."""
+        if not self.deadline_aware(description):
+            return float("inf")
+        deadline = parse_deadline(description.deadline or "", job.submitted_at).timestamp()
+        remaining = max(0.0, (description.runtime_hours() or 0.0) - self.progress_hours(job))
+        return (deadline - self.clock()) / 3600.0 - remaining
+
+    def _situation(self, job: Job, description: JobDescription, markets: list[tuple[str, str]], mode: int) -> Situation:
+        runtime = description.runtime_hours() or 0.0
+        deadline = parse_deadline(description.deadline or "", job.submitted_at)
+        now_hours = self.clock() / 3600.0
+        restart = self.restart_hours(job)
+        index = {key: i for i, key in enumerate(self.keys)}
+        return Situation(
+            remaining_hours=max(0.0, runtime - self.progress_hours(job)),
+            time_left_hours=deadline.timestamp() / 3600.0 - now_hours,
+            slack_hours=(deadline - job.submitted_at).total_seconds() / 3600.0 - runtime,
+            restart_hours=restart,
+            mode=mode,
+            warming_hours=0.0,
+            markets=[MarketNow(self.offers[key].spot_price, self.offers[key].available,
+                               self.history.residual_up(index[key], now_hours, restart) if self.offers[key].available else 0.0)
+                     for key in markets],
+            cheapest_seen=self.history.cheapest_seen,
+        )
+
+    def _markets(self, types: list[str]) -> list[tuple[str, str]]:
+        return [key for key in self.keys if key[1] in types]
+
+    # --- decisions -----------------------------------------------------------------------------------
+    def place(self, job: Job, description: JobDescription, types: list[str]) -> Decision:
+        """Where a queued job should run now, if anywhere."""
+        offers = [self.offers[key] for key in self._markets(types)]
+        if not self.deadline_aware(description):
+            placement = cheapest_spot(types, description.max_price, offers)
+            if placement is None:
+                return Decision("wait", reason="no market within the max price")
+            return Decision("launch", placement, "cheapest spot market with capacity")
+        markets = self._markets(types)
+        situation = self._situation(job, description, markets, WAIT)
+        choice = cbas_choice(situation, self.settings.schedule_interval / 3600.0)
+        if choice == WAIT:
+            return Decision("wait", reason="waiting for spot capacity at a good price; the deadline still allows it")
+        if choice == ON_DEMAND:
+            best = min(offers, key=lambda o: o.ondemand_price)
+            cost = best.ondemand_price * (situation.remaining_hours + situation.restart_hours)
+            return Decision("launch", Placement(best.zone, best.instance_type, "on-demand", best.ondemand_price),
+                            "on-demand: the slack left only covers the work and a restart", cost)
+        zone, kind = markets[choice]
+        offer = self.offers[(zone, kind)]
+        stay = max(situation.markets[choice].residual_up_hours, 1e-6)
+        per_hour = offer.spot_price / (1.0 - min(0.9, situation.restart_hours / stay))
+        return Decision("launch", Placement(zone, kind, "spot", offer.spot_price),
+                        f"spot: lowest price per useful hour (expected {stay:.1f} h of capacity)",
+                        per_hour * (situation.remaining_hours + situation.restart_hours))
+
+    def review(self, job: Job, description: JobDescription, types: list[str], machine: LedgerEntry) -> Decision:
+        """Whether a running deadline-aware job should stay on its machine."""
+        if not self.deadline_aware(description) or (machine.zone, machine.instance_type) not in self.offers:
+            return Decision("keep")
+        markets = self._markets(types)
+        if machine.market == "on-demand":
+            return Decision("keep")
+        try:
+            mode = markets.index((machine.zone, machine.instance_type))
+        except ValueError:
+            return Decision("keep")
+        choice = cbas_choice(self._situation(job, description, markets, mode), self.settings.schedule_interval / 3600.0)
+        if choice == mode:
+            return Decision("keep")
+        if choice == ON_DEMAND:
+            return Decision("move", reason="switching to on-demand: the deadline is near")
+        if choice == WAIT:
+            return Decision("move", reason="pausing through a price spike")
+        zone, kind = markets[choice]
+        return Decision("move", reason=f"moving to {kind} in {zone}: cheaper for the rest of the job")
+
+
+def utc(timestamp: float) -> datetime:
+    return datetime.fromtimestamp(timestamp, timezone.utc)

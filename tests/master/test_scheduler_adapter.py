@@ -1,0 +1,100 @@
+"""The scheduler adapter's decisions, with an injected clock (no sleeping)."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+from cbas import jdl
+from cbas.master.scheduler_adapter import SchedulerAdapter
+from cbas.models import Job, LedgerEntry, LedgerState, Offer
+from cbas.settings import Settings
+from cbas.state import JobState
+
+T0 = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = T0.timestamp()
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def offer(zone: str, spot: float, available: bool = True, kind: str = "c5.large") -> Offer:
+    return Offer(zone=zone, instance_type=kind, spot_price=spot, ondemand_price=0.085, available=available)
+
+
+def setup(deadline: str | None = "10h", runtime: str | None = "4h") -> tuple[SchedulerAdapter, Clock, Job, jdl.JobDescription]:
+    clock = Clock()
+    adapter = SchedulerAdapter(Settings(restart_overhead=360, schedule_interval=5), clock=clock)
+    text = 'Executable = "x";' + (f' Deadline = "{deadline}";' if deadline else "") + (f' Runtime = "{runtime}";' if runtime else "")
+    job = Job(id="j", state=JobState.QUEUED, jdl=text, submitted_at=T0)
+    return adapter, clock, job, jdl.parse(text)
+
+
+def test_a_job_without_deadline_gets_the_cheapest_spot_market() -> None:
+    adapter, _, job, description = setup(deadline=None, runtime=None)
+    adapter.observe([offer("a", 0.03), offer("b", 0.02), offer("c", 0.01, available=False)])
+    decision = adapter.place(job, description, ["c5.large"])
+    assert decision.action == "launch" and decision.placement is not None
+    assert (decision.placement.zone, decision.placement.market) == ("b", "spot")
+    assert decision.predicted_cost is None
+
+
+def test_with_slack_to_spare_it_launches_spot_and_predicts_the_cost() -> None:
+    adapter, _, job, description = setup()
+    adapter.observe([offer("a", 0.03), offer("b", 0.025)])
+    decision = adapter.place(job, description, ["c5.large"])
+    assert decision.placement is not None and decision.placement.zone == "b" and decision.placement.market == "spot"
+    assert decision.predicted_cost is not None
+    assert 0.025 * 4.1 <= decision.predicted_cost < 0.085 * 4.1
+
+
+def test_no_capacity_means_wait_while_the_slack_allows_then_on_demand() -> None:
+    adapter, clock, job, description = setup()
+    adapter.observe([offer("a", 0.03, available=False)])
+    assert adapter.place(job, description, ["c5.large"]).action == "wait"
+    clock.now += timedelta(hours=5.9).total_seconds()  # 4.1 h left for 4 h of work: less than two restarts
+    adapter.observe([offer("a", 0.03, available=False)])
+    decision = adapter.place(job, description, ["c5.large"])
+    assert decision.action == "launch" and decision.placement is not None
+    assert decision.placement.market == "on-demand"
+    assert decision.predicted_cost == 0.085 * (4.0 + 0.1)
+
+
+def running_on(zone: str, market: str = "spot") -> LedgerEntry:
+    return LedgerEntry(id="l", job_id="j", state=LedgerState.RUNNING, instance_id="i-1", market=market,
+                       zone=zone, instance_type="c5.large", price=0.03)
+
+
+def test_a_running_job_switches_to_on_demand_when_the_deadline_nears() -> None:
+    adapter, clock, job, description = setup()
+    job = job.model_copy(update={"state": JobState.RUNNING, "run_seconds": 3600.0, "running_since": None})
+    adapter.observe([offer("a", 0.03)])
+    assert adapter.review(job, description, ["c5.large"], running_on("a")).action == "keep"
+    clock.now += timedelta(hours=6.95).total_seconds()  # 3 h of work left, 3.05 h to the deadline
+    adapter.observe([offer("a", 0.03)])
+    decision = adapter.review(job, description, ["c5.large"], running_on("a"))
+    assert decision.action == "move" and "on-demand" in decision.reason
+    assert adapter.review(job, description, ["c5.large"], running_on("a", "on-demand")).action == "keep"
+
+
+def test_a_running_job_moves_when_a_much_cheaper_market_appears() -> None:
+    adapter, clock, job, description = setup(deadline="40h", runtime="30h")
+    job = job.model_copy(update={"state": JobState.RUNNING})
+    adapter.observe([offer("a", 0.06), offer("b", 0.01)])  # b has had capacity for 5 h ...
+    clock.now += 5 * 3600
+    adapter.observe([offer("a", 0.06), offer("b", 0.01, available=False)])  # ... then lost it
+    assert adapter.review(job, description, ["c5.large"], running_on("a")).action == "keep"
+    clock.now += 600
+    adapter.observe([offer("a", 0.06), offer("b", 0.01)])  # and it is back
+    decision = adapter.review(job, description, ["c5.large"], running_on("a"))
+    assert decision.action == "move" and "in b" in decision.reason
+
+
+def test_least_slack_first() -> None:
+    adapter, _, job, description = setup()
+    assert adapter.slack_hours(job, description) == 6.0
+    _, _, other, plain = setup(deadline=None, runtime=None)
+    assert adapter.slack_hours(other, plain) == float("inf")
