@@ -13,7 +13,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from cbas.scheduler.model import JobSpec, Scenario
+from cbas.scheduler.model import JobSpec, MarketSteps, Scenario
 
 WAIT = -1
 ON_DEMAND = -2
@@ -77,67 +77,120 @@ class _Bill:
         self._prices = []
 
 
-def simulate(job: JobSpec, scenario: Scenario, policy: Policy, keep_actions: bool = False) -> Result:
-    step = scenario.step_hours
-    markets = scenario.markets
-    ondemand = scenario.ondemand
-    deadline_steps = int(math.ceil(job.deadline_hours / step - _EPS))
-    horizon = min(deadline_steps, scenario.steps)
-    bill = _Bill(scenario)
-    policy.reset(job, scenario)
-    progress, mode, warming = 0.0, WAIT, 0.0
-    preemptions = starts = 0
-    spot_hours = ondemand_hours = 0.0
-    finished: float | None = None
-    actions: list[int] = []
-    for index in range(horizon):
-        if mode >= 0 and not markets[mode].available[index]:
-            bill.close(reclaimed=True)  # the market took the machine back
-            mode, warming = WAIT, 0.0
-            preemptions += 1
-        action = policy.decide(Progress(index, progress, mode, warming, preemptions))
+class JobRun:
+    """One job stepping through its scenario; simulate() runs one, simulate_many() several."""
+
+    def __init__(self, job: JobSpec, scenario: Scenario, policy: Policy, keep_actions: bool = False) -> None:
+        self.job, self.scenario, self.policy = job, scenario, policy
+        self.horizon = min(int(math.ceil(job.deadline_hours / scenario.step_hours - _EPS)), scenario.steps)
+        self.bill = _Bill(scenario)
+        self.keep_actions = keep_actions
+        self.progress, self.mode, self.warming = 0.0, WAIT, 0.0
+        self.preemptions = self.starts = 0
+        self.spot_hours = self.ondemand_hours = 0.0
+        self.finished: float | None = None
+        self.actions: list[int] = []
+        self.index = 0
+        policy.reset(job, scenario)
+
+    @property
+    def active(self) -> bool:
+        return self.finished is None and self.index < self.horizon
+
+    def slack(self) -> float:
+        step = self.scenario.step_hours
+        return self.job.deadline_hours - self.index * step - (self.job.work_hours - self.progress)
+
+    def step(self) -> None:
+        index, step, markets, job = self.index, self.scenario.step_hours, self.scenario.markets, self.job
+        self.index += 1
+        if self.mode >= 0 and not markets[self.mode].available[index]:
+            self.bill.close(reclaimed=True)  # the market took the machine back
+            self.mode, self.warming = WAIT, 0.0
+            self.preemptions += 1
+        action = self.policy.decide(Progress(index, self.progress, self.mode, self.warming, self.preemptions))
         if action >= 0 and not markets[action].available[index]:
             action = WAIT  # no capacity to launch into
-        if keep_actions:
-            actions.append(action)
-        if action != mode:
-            bill.close()
-            mode = action
-            if mode != WAIT:
-                warming = job.restart_hours
-                starts += 1
-        if mode == WAIT:
-            continue
-        price = ondemand if mode == ON_DEMAND else markets[mode].price[index]
-        bill.run(price)
+        if self.keep_actions:
+            self.actions.append(action)
+        if action != self.mode:
+            self.bill.close()
+            self.mode = action
+            if action != WAIT:
+                self.warming = job.restart_hours
+                self.starts += 1
+        if self.mode == WAIT:
+            return
+        price = self.scenario.ondemand if self.mode == ON_DEMAND else markets[self.mode].price[index]
+        self.bill.run(price)
         useful = step
-        if warming > 0:
-            paid = min(warming, step)
-            warming -= paid
+        if self.warming > 0:
+            paid = min(self.warming, step)
+            self.warming -= paid
             useful -= paid
-        needed = job.work_hours - progress
+        needed = job.work_hours - self.progress
         if useful >= needed - _EPS and useful > 0:
             fraction = (step - useful + needed) / step
-            bill.close(used_fraction_of_last=fraction)
-            progress = job.work_hours
-            finished = index * step + step * fraction
+            self.bill.close(used_fraction_of_last=fraction)
+            self.progress = job.work_hours
+            self.finished = index * step + step * fraction
             used = step * fraction
         else:
-            progress += useful
+            self.progress += useful
             used = step
-        if mode == ON_DEMAND:
-            ondemand_hours += used
+        if self.mode == ON_DEMAND:
+            self.ondemand_hours += used
         else:
-            spot_hours += used
-        if finished is not None:
-            break
-    if finished is None:
-        bill.close()
-    cost = bill.total
-    missed = finished is None or finished > job.deadline_hours + _EPS
-    if finished is None:  # finish late on on-demand: a miss is never a saving
-        cost += ondemand * (job.work_hours - progress + job.restart_hours)
-    return Result(policy.name, cost, finished, missed, preemptions, starts, spot_hours, ondemand_hours, actions)
+            self.spot_hours += used
+
+    def result(self) -> Result:
+        if self.finished is None:
+            self.bill.close()
+        cost = self.bill.total
+        missed = self.finished is None or self.finished > self.job.deadline_hours + _EPS
+        if self.finished is None:  # finish late on on-demand: a miss is never a saving
+            cost += self.scenario.ondemand * (self.job.work_hours - self.progress + self.job.restart_hours)
+        return Result(self.policy.name, cost, self.finished, missed, self.preemptions, self.starts,
+                      self.spot_hours, self.ondemand_hours, self.actions)
+
+
+def simulate(job: JobSpec, scenario: Scenario, policy: Policy, keep_actions: bool = False) -> Result:
+    run = JobRun(job, scenario, policy, keep_actions)
+    while run.active:
+        run.step()
+    return run.result()
+
+
+def simulate_many(
+    jobs: list[tuple[JobSpec, int]], scenario: Scenario, policies: list[Policy], capacity: int | None = None,
+) -> list[Result]:
+    """Several jobs, each (spec, arrival step), on shared markets where each spot market holds at
+    most `capacity` machines. At every step the jobs decide together, least slack first; a full
+    market looks to a job like one without capacity."""
+    runs: list[tuple[JobRun, int]] = []
+    for (job, arrival), policy in zip(jobs, policies):
+        view = Scenario([MarketSteps(m.zone, m.instance_type, m.ondemand, m.price[arrival:], list(m.available[arrival:]))
+                         for m in scenario.markets], scenario.step_hours, scenario.billing)
+        runs.append((JobRun(job, view, policy), arrival))
+    last = max((arrival + run.horizon for run, arrival in runs), default=0)
+    for now in range(last):
+        present = [run for run, arrival in runs if arrival <= now and run.active]
+        used = [0] * len(scenario.markets)
+        for run in present:
+            if run.mode >= 0:
+                used[run.mode] += 1
+        for run in sorted(present, key=lambda r: r.slack()):
+            if capacity is not None:
+                for m, market in enumerate(run.scenario.markets):
+                    full = used[m] >= capacity and run.mode != m
+                    market.available[run.index] = scenario.markets[m].available[now] and not full
+            before = run.mode
+            run.step()
+            if before >= 0:
+                used[before] -= 1
+            if run.mode >= 0 and run.active:
+                used[run.mode] += 1
+    return [run.result() for run, _ in runs]
 
 
 def ondemand_cost(job: JobSpec, scenario: Scenario) -> float:

@@ -85,3 +85,37 @@ def test_a_miss_is_costed_as_finishing_on_demand() -> None:
 def test_launching_where_there_is_no_capacity_is_waiting() -> None:
     result = simulate(JobSpec(0.5, 1.0, 0.1), Scenario([market([False] * 10)]), Script([0]), keep_actions=True)
     assert set(result.actions) == {WAIT} and result.starts == 0
+
+
+def test_many_jobs_share_a_markets_capacity() -> None:
+    from cbas.scheduler.policies import make
+    from cbas.scheduler.simulator import simulate_many
+
+    scenario = Scenario([market([True] * 40)])
+    jobs = [(JobSpec(1.0, 3.0, 0.1), 0), (JobSpec(1.0, 3.0, 0.1), 0)]
+    first, second = simulate_many(jobs, scenario, [make("cbas"), make("cbas")], capacity=1)
+    assert not first.missed and not second.missed
+    assert first.ondemand_hours == second.ondemand_hours == 0  # the second waited for the machine
+    assert sorted([first.finished_hours, second.finished_hours]) == pytest.approx([1.1, 2.2])
+
+
+def test_a_tight_common_deadline_sends_the_task_without_capacity_to_on_demand() -> None:
+    from cbas.scheduler.policies import make
+    from cbas.scheduler.simulator import simulate_many
+
+    scenario = Scenario([market([True] * 40)])
+    jobs = [(JobSpec(1.0, 1.4, 0.1), 0), (JobSpec(1.0, 1.4, 0.1), 0)]
+    results = simulate_many(jobs, scenario, [make("cbas"), make("cbas")], capacity=1)
+    assert not any(r.missed for r in results)
+    assert sorted(r.ondemand_hours > 0 for r in results) == [False, True]
+
+
+def test_later_arrivals_start_at_their_arrival() -> None:
+    from cbas.scheduler.policies import make
+    from cbas.scheduler.simulator import simulate_many
+
+    scenario = Scenario([market([True] * 10 + [False] * 5 + [True] * 25)])
+    early, late = simulate_many([(JobSpec(0.5, 2.0, 0.1), 0), (JobSpec(0.5, 2.0, 0.1), 10)], scenario,
+                                [make("greedy"), make("greedy")])
+    assert early.finished_hours == pytest.approx(0.6) and early.preemptions == 0
+    assert late.finished_hours == pytest.approx(0.5 + 0.6)  # waited out steps 10-14 of the market
