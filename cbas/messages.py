@@ -32,6 +32,7 @@ class MessageType(StrEnum):
     JOB_DONE = "JOB_DONE"
     JOB_FAILED = "JOB_FAILED"
     STOP_JOB = "STOP_JOB"
+    CHECKPOINT_NOW = "CHECKPOINT_NOW"
 
 
 class Envelope(BaseModel):
@@ -121,6 +122,11 @@ class StopJob(_Body):
     checkpoint: bool = False  # checkpoint first (the job moves elsewhere), or just stop
 
 
+class CheckpointNow(_Body):
+    job_id: str
+    reason: str = ""
+
+
 BODY_MODELS: dict[MessageType, type[_Body]] = {
     MessageType.ADD_JOB: AddJob,
     MessageType.CANCEL_JOB: CancelJob,
@@ -132,6 +138,7 @@ BODY_MODELS: dict[MessageType, type[_Body]] = {
     MessageType.JOB_DONE: JobDone,
     MessageType.JOB_FAILED: JobFailed,
     MessageType.STOP_JOB: StopJob,
+    MessageType.CHECKPOINT_NOW: CheckpointNow,
 }
 
 

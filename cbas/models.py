@@ -42,6 +42,8 @@ class Job(BaseModel):
     predicted_cost: float | None = None  # USD the scheduler expected the job to cost, at its first placement
     provisioned_at: datetime | None = None  # when the current machine was asked for
     restart_seconds: float | None = None  # measured: machine asked for -> job running again
+    checkpoint_seconds: float | None = None  # measured: how long a checkpoint takes (pause + upload)
+    last_checkpoint_at: datetime | None = None
     exit_code: int | None = None
     error: str | None = None
     stderr_tail: str | None = None

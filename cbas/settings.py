@@ -70,5 +70,9 @@ class Settings(BaseSettings):
             return self.market_notice_seconds
         return 120.0 / self.market_time_scale
 
+    def interruption_notice_seconds(self) -> float:
+        """How long a reclaimed spot machine has: EC2's two minutes, or the local market's."""
+        return self.notice_seconds() if self.backend == "local" else 120.0
+
     def dead_after(self) -> float:
         return self.ping_interval * self.ping_missed_max

@@ -16,7 +16,7 @@ from typing import Callable, Literal
 from cbas.jdl import JobDescription, parse_deadline
 from cbas.models import Job, LedgerEntry, Offer
 from cbas.scheduler.placement import Placement, cheapest_spot
-from cbas.scheduler.policies import AvailabilityHistory, MarketNow, Situation, cbas_choice
+from cbas.scheduler.policies import AvailabilityHistory, MarketNow, Situation, cbas_choice, checkpoint_before_loss
 from cbas.scheduler.simulator import ON_DEMAND, WAIT
 from cbas.settings import Settings
 from cbas.state import JobState
@@ -27,7 +27,7 @@ UNKNOWN_UP_HOURS = 24.0  # a market with capacity since before the master looked
 
 @dataclass(frozen=True)
 class Decision:
-    action: Literal["wait", "launch", "keep", "move"]
+    action: Literal["wait", "launch", "keep", "move", "checkpoint"]
     placement: Placement | None = None  # for launch
     reason: str = ""
     predicted_cost: float | None = None  # USD to finish the job, as the policy expects
@@ -123,9 +123,12 @@ class SchedulerAdapter:
                         per_hour * (situation.remaining_hours + situation.restart_hours))
 
     def review(self, job: Job, description: JobDescription, types: list[str], machine: LedgerEntry) -> Decision:
-        """Whether a running deadline-aware job should stay on its machine."""
-        if not self.deadline_aware(description) or (machine.zone, machine.instance_type) not in self.offers:
+        """Whether a running job should stay on its machine, move, or checkpoint before a likely loss."""
+        if (machine.zone, machine.instance_type) not in self.offers:
             return Decision("keep")
+        early = self._early_checkpoint(job, description, machine)
+        if not self.deadline_aware(description):
+            return early
         markets = self._markets(types)
         if machine.market == "on-demand":
             return Decision("keep")
@@ -135,13 +138,34 @@ class SchedulerAdapter:
             return Decision("keep")
         choice = cbas_choice(self._situation(job, description, markets, mode), self.settings.schedule_interval / 3600.0)
         if choice == mode:
-            return Decision("keep")
+            return early
         if choice == ON_DEMAND:
             return Decision("move", reason="switching to on-demand: the deadline is near")
         if choice == WAIT:
             return Decision("move", reason="pausing through a price spike")
         zone, kind = markets[choice]
         return Decision("move", reason=f"moving to {kind} in {zone}: cheaper for the rest of the job")
+
+
+    def _early_checkpoint(self, job: Job, description: JobDescription, machine: LedgerEntry) -> Decision:
+        """Ours' checkpoint timing: a spot job whose checkpoint does not fit in the interruption
+        notice checkpoints early when its market is likely to go before the next periodic one."""
+        if machine.market != "spot" or job.checkpoint_seconds is None or job.state != JobState.RUNNING:
+            return Decision("keep")
+        if job.checkpoint_seconds <= self.settings.interruption_notice_seconds():
+            return Decision("keep")  # the notice checkpoint saves everything
+        since = job.last_checkpoint_at or job.running_since
+        if since is None:
+            return Decision("keep")
+        unsaved = (self.clock() - since.timestamp()) / 3600.0
+        index = self.keys.index((machine.zone, machine.instance_type))
+        now_hours = self.clock() / 3600.0
+        residual = self.history.residual_up(index, now_hours, self.restart_hours(job))
+        interval = description.checkpoint_interval / 3600.0
+        if checkpoint_before_loss(unsaved, interval - unsaved, residual, job.checkpoint_seconds / 3600.0):
+            return Decision("checkpoint", reason=f"{machine.zone} is likely to lose its capacity within "
+                                                 f"{residual * 60:.0f} min; {unsaved * 60:.0f} min of work is unsaved")
+        return Decision("keep")
 
 
 def utc(timestamp: float) -> datetime:

@@ -20,7 +20,7 @@ from cbas.master.resource_manager import ResourceManager
 from cbas.master.scheduler_adapter import SchedulerAdapter
 from cbas.master.timers import Deadlines
 from cbas.master.worker_manager import WorkerManager
-from cbas.messages import MASTER, Envelope, MessageType, Ping, StartJob, StopJob, envelope, worker_address
+from cbas.messages import MASTER, CheckpointNow, Envelope, MessageType, Ping, StartJob, StopJob, envelope, worker_address
 from cbas.models import CheckpointRecord, Job, JobEvent, LedgerEntry, utcnow
 from cbas.settings import Settings
 from cbas.state import JobState, can_transition
@@ -84,6 +84,7 @@ class Master:
         self.adapter = SchedulerAdapter(settings)
         self.moving: dict[str, tuple[str, float]] = {}  # job id -> why it moves, and by when
         self._waiting: dict[str, str] = {}  # job id -> the last wait reason recorded
+        self._checkpoint_requested: dict[str, float] = {}  # job id -> when we last asked
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -257,6 +258,8 @@ class Master:
                 decision = self.adapter.review(job, description, types, live[job.id])
                 if decision.action == "move":
                     await self.move(job, decision.reason)
+                elif decision.action == "checkpoint":
+                    await self.request_checkpoint(job, decision.reason)
 
     async def _place(self, job: Job, description: jdl.JobDescription, types: list[str], offered: list[str],
                      live: dict[str, LedgerEntry]) -> None:
@@ -294,6 +297,16 @@ class Master:
             if current.instance_id != entry.instance_id:  # cancelled meanwhile
                 await self._release(job.id, entry.instance_id, reason="job no longer queued")
             # else: its worker announced itself first and placed the job already
+
+    async def request_checkpoint(self, job: Job, reason: str) -> None:
+        """Ask for a checkpoint ahead of schedule; at most one request per checkpoint's duration."""
+        last = self._checkpoint_requested.get(job.id, 0.0)
+        if not job.instance_id or time.time() - last < 2 * (job.checkpoint_seconds or 0.0) + self.settings.schedule_interval:
+            return
+        self._checkpoint_requested[job.id] = time.time()
+        await self.store.add_event(JobEvent(job_id=job.id, kind="checkpoint-requested", detail=reason))
+        await self._send_quietly(envelope(MessageType.CHECKPOINT_NOW, CheckpointNow(job_id=job.id, reason=reason),
+                                          MASTER, worker_address(job.instance_id)))
 
     async def move(self, job: Job, reason: str) -> None:
         """Checkpoint the job and stop it, to run it again where the policy now wants it."""
@@ -383,7 +396,10 @@ class Master:
             log.info("checkpoint.stale", job_id=job.id, checkpoint=record.id)
             return
         if await self.store.add_checkpoint(record):
+            took = record.pause_seconds + record.upload_seconds
             await self.store.mutate_job(job.id, lambda j: j.model_copy(update={
+                "checkpoint_seconds": took if j.checkpoint_seconds is None else 0.5 * (j.checkpoint_seconds + took),
+                "last_checkpoint_at": record.created_at,
                 "checkpoints": j.checkpoints + 1,
                 "attempt_checkpoints": j.attempt_checkpoints + (1 if j.attempt == record.attempt else 0),
                 "last_checkpoint": max(record.id, j.last_checkpoint or ""),

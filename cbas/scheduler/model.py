@@ -1,7 +1,8 @@
 """What the scheduler reasons about, on a grid of fixed time steps. Pure.
 
-A job has remaining work (hours of compute on its instance type), a deadline, and a restart
-overhead (boot + restore, paid at every start of a machine, the first included). A market
+A job has remaining work (hours of compute on its instance type), a deadline, a restart overhead
+(boot + restore, paid at every start of a machine, the first included), and a checkpoint interval
+and cost (a checkpoint that fits in the interruption notice makes a preemption lose nothing). A market
 (zone x instance type) has, per step, a spot price and whether spot capacity exists, and an
 on-demand price that always has capacity. Billing is per second, or per started hour as in 2013
 (when AWS reclaimed a spot machine, its last partial hour was free).
@@ -24,6 +25,9 @@ class JobSpec:
     work_hours: float
     deadline_hours: float  # from the job's start
     restart_hours: float = 0.1
+    checkpoint_interval_hours: float = 1.0  # of work between periodic checkpoints
+    checkpoint_hours: float = 0.0  # how long a checkpoint holds the job still
+    notice_hours: float = 2.0 / 60.0  # spot interruption notice: a checkpoint that fits loses nothing
 
     @property
     def slack_hours(self) -> float:

@@ -192,9 +192,25 @@ def cbas_choice(now: Situation, step_hours: float) -> int:
     return WAIT if spike else best
 
 
+def checkpoint_before_loss(unsaved: float, to_next: float, residual_up: float, checkpoint_hours: float) -> bool:
+    """Take an extra checkpoint when the work likely lost before the next periodic one (unsaved
+    work times the chance the market goes first) is worth more than the checkpoint costs."""
+    chance = min(1.0, max(to_next, 0.0) / max(residual_up, 1e-6))
+    return unsaved * chance > checkpoint_hours
+
+
 @policy("cbas")
 class Cbas(_Base):
-    """Ours (cbas_choice), over every market of the job's instance type."""
+    """Ours (cbas_choice), over every market of the job's instance type; it also times extra
+    checkpoints before likely preemptions when a checkpoint does not fit in the notice."""
+
+    def checkpoint_now(self, now: Progress) -> bool:
+        job = self.job
+        if now.mode < 0 or job.checkpoint_hours <= job.notice_hours:
+            return False  # on-demand is never reclaimed; a fitting checkpoint is taken at the notice
+        residual = self.history.residual_up(now.mode, now.step * self.step, job.restart_hours)
+        return checkpoint_before_loss(now.unsaved, job.checkpoint_interval_hours - now.unsaved, residual,
+                                      job.checkpoint_hours)
 
     def reset(self, job: JobSpec, scenario: Scenario) -> None:
         super().reset(job, scenario)

@@ -29,6 +29,7 @@ class Progress:
     mode: int  # WAIT, ON_DEMAND or a spot market index
     warming: float  # restart overhead still to pay on the current machine
     preemptions: int
+    unsaved: float = 0.0  # work done since the last checkpoint
 
 
 class Policy(Protocol):
@@ -49,6 +50,7 @@ class Result:
     spot_hours: float
     ondemand_hours: float
     actions: list[int] = field(default_factory=list, repr=False)
+    checkpoints: int = 0
 
 
 class _Bill:
@@ -86,6 +88,11 @@ class JobRun:
         self.bill = _Bill(scenario)
         self.keep_actions = keep_actions
         self.progress, self.mode, self.warming = 0.0, WAIT, 0.0
+        self.saved = 0.0  # progress in the last finished checkpoint
+        self.checkpointing = 0.0  # hours left of a checkpoint under way
+        self.pending = 0.0  # progress the checkpoint under way will save
+        self.checkpoints = 0
+        self.wants_checkpoint = getattr(policy, "checkpoint_now", None)
         self.preemptions = self.starts = 0
         self.spot_hours = self.ondemand_hours = 0.0
         self.finished: float | None = None
@@ -106,15 +113,17 @@ class JobRun:
         self.index += 1
         if self.mode >= 0 and not markets[self.mode].available[index]:
             self.bill.close(reclaimed=True)  # the market took the machine back
-            self.mode, self.warming = WAIT, 0.0
-            self.preemptions += 1
-        action = self.policy.decide(Progress(index, self.progress, self.mode, self.warming, self.preemptions))
+            self._preempted()
+        now = Progress(index, self.progress, self.mode, self.warming, self.preemptions, self.progress - self.saved)
+        action = self.policy.decide(now)
         if action >= 0 and not markets[action].available[index]:
             action = WAIT  # no capacity to launch into
         if self.keep_actions:
             self.actions.append(action)
         if action != self.mode:
             self.bill.close()
+            if self.mode != WAIT:  # we stop it ourselves: a checkpoint first, nothing is lost
+                self.saved, self.checkpointing = self.progress, 0.0
             self.mode = action
             if action != WAIT:
                 self.warming = job.restart_hours
@@ -128,6 +137,12 @@ class JobRun:
             paid = min(self.warming, step)
             self.warming -= paid
             useful -= paid
+        if self.checkpointing > 0:  # the job is held still while its checkpoint is taken
+            paid = min(self.checkpointing, useful)
+            self.checkpointing -= paid
+            useful -= paid
+            if self.checkpointing <= _EPS:
+                self.saved, self.checkpointing = self.pending, 0.0
         needed = job.work_hours - self.progress
         if useful >= needed - _EPS and useful > 0:
             fraction = (step - useful + needed) / step
@@ -138,10 +153,32 @@ class JobRun:
         else:
             self.progress += useful
             used = step
+            self._maybe_checkpoint(now)
         if self.mode == ON_DEMAND:
             self.ondemand_hours += used
         else:
             self.spot_hours += used
+
+    def _maybe_checkpoint(self, now: Progress) -> None:
+        if self.checkpointing > 0 or self.warming > 0:
+            return
+        due = self.progress - self.saved >= self.job.checkpoint_interval_hours - _EPS
+        asked = self.wants_checkpoint is not None and self.progress > self.saved and self.wants_checkpoint(now)
+        if not (due or asked):
+            return
+        self.checkpoints += 1
+        if self.job.checkpoint_hours <= 0:
+            self.saved = self.progress
+        else:
+            self.pending, self.checkpointing = self.progress, self.job.checkpoint_hours
+
+    def _preempted(self) -> None:
+        if self.job.checkpoint_hours > self.job.notice_hours:
+            self.progress = self.saved  # no checkpoint fits in the notice: unsaved work is lost
+        else:
+            self.saved = self.progress  # the notice checkpoint keeps everything
+        self.mode, self.warming, self.checkpointing = WAIT, 0.0, 0.0
+        self.preemptions += 1
 
     def result(self) -> Result:
         if self.finished is None:
@@ -151,7 +188,7 @@ class JobRun:
         if self.finished is None:  # finish late on on-demand: a miss is never a saving
             cost += self.scenario.ondemand * (self.job.work_hours - self.progress + self.job.restart_hours)
         return Result(self.policy.name, cost, self.finished, missed, self.preemptions, self.starts,
-                      self.spot_hours, self.ondemand_hours, self.actions)
+                      self.spot_hours, self.ondemand_hours, self.actions, self.checkpoints)
 
 
 def simulate(job: JobSpec, scenario: Scenario, policy: Policy, keep_actions: bool = False) -> Result:

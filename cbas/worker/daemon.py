@@ -12,8 +12,8 @@ from aiohttp import web
 
 from cbas.backends import BlobStore, InvalidMessage, MessageBus
 from cbas.messages import (
-    MASTER, Envelope, MessageRegistry, MessageType, Ping, SpotNotice, StartJob, StopJob, UnroutableMessage,
-    WorkerStarted, envelope, worker_address,
+    MASTER, CheckpointNow, Envelope, MessageRegistry, MessageType, Ping, SpotNotice, StartJob, StopJob,
+    UnroutableMessage, WorkerStarted, envelope, worker_address,
 )
 from cbas.settings import Settings
 from cbas.worker.imds import MetadataClient
@@ -170,3 +170,10 @@ async def on_stop_job(worker: Worker, message: Envelope, body: StopJob) -> None:
             worker._background(worker.job.on_notice())
         else:
             worker.job.stop()
+
+
+@registry.handler(MessageType.CHECKPOINT_NOW)
+async def on_checkpoint_now(worker: Worker, message: Envelope, body: CheckpointNow) -> None:
+    if worker.job is not None and worker.job.job_id == body.job_id:
+        log.info("checkpoint.requested", job_id=body.job_id, reason=body.reason)
+        worker._background(worker.job.checkpoint("scheduler"))

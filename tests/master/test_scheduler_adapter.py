@@ -98,3 +98,24 @@ def test_least_slack_first() -> None:
     assert adapter.slack_hours(job, description) == 6.0
     _, _, other, plain = setup(deadline=None, runtime=None)
     assert adapter.slack_hours(other, plain) == float("inf")
+
+
+def test_a_job_whose_checkpoint_outlasts_the_notice_checkpoints_before_a_likely_loss() -> None:
+    adapter, clock, job, description = setup(deadline=None, runtime=None)
+    description = description.model_copy(update={"checkpoint_interval": 3600})
+    # market a loses its capacity every 20 minutes or so
+    for _ in range(4):
+        adapter.observe([offer("a", 0.03)])
+        clock.now += 20 * 60
+        adapter.observe([offer("a", 0.03, available=False)])
+        clock.now += 60
+    adapter.observe([offer("a", 0.03)])
+    started = datetime.fromtimestamp(clock.now, timezone.utc)
+    clock.now += 15 * 60
+    adapter.observe([offer("a", 0.03)])
+    slow = job.model_copy(update={"state": JobState.RUNNING, "running_since": started, "checkpoint_seconds": 300.0})
+    decision = adapter.review(slow, description, ["c5.large"], running_on("a"))
+    assert decision.action == "checkpoint" and "likely to lose its capacity" in decision.reason
+    quick = slow.model_copy(update={"checkpoint_seconds": 1.0})  # fits in the notice: nothing to gain
+    assert adapter.review(quick, description, ["c5.large"], running_on("a")).action == "keep"
+    assert adapter.review(slow, description, ["c5.large"], running_on("a", "on-demand")).action == "keep"

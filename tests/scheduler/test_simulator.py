@@ -119,3 +119,29 @@ def test_later_arrivals_start_at_their_arrival() -> None:
                                 [make("greedy"), make("greedy")])
     assert early.finished_hours == pytest.approx(0.6) and early.preemptions == 0
     assert late.finished_hours == pytest.approx(0.5 + 0.6)  # waited out steps 10-14 of the market
+
+
+def test_periodic_checkpoints_cost_time_and_bound_the_loss_when_they_do_not_fit_the_notice() -> None:
+    # free capacity for 15 steps, then 1 step without; checkpoints every 0.6 h of work take 0.1 h
+    available = ([True] * 15 + [False]) * 10
+    job = JobSpec(1.5, 10.0, 0.1, checkpoint_interval_hours=0.6, checkpoint_hours=0.1)
+    result = simulate(job, Scenario([market(available)]), Script([0]))
+    # each 1.5 h up-period: 0.1 restart, 0.6 work, 0.1 checkpoint, 0.6 work, 0.1 checkpoint = 1.5 h;
+    # the preemption then loses nothing beyond the last checkpoint
+    assert not result.missed and result.checkpoints >= 2
+    fits = simulate(JobSpec(1.5, 10.0, 0.1, checkpoint_interval_hours=0.6, checkpoint_hours=0.02),
+                    Scenario([market(available)]), Script([0]))
+    assert fits.finished_hours < result.finished_hours  # a checkpoint inside the notice loses nothing
+
+
+def test_ours_checkpoints_before_likely_preemptions() -> None:
+    from cbas.scheduler.policies import make
+
+    available = ([True] * 5 + [False] * 2) * 60  # capacity comes in half-hour periods
+    job = JobSpec(3.0, 40.0, 0.1, checkpoint_interval_hours=1.0, checkpoint_hours=0.1)
+    scenario = Scenario([market(available)])
+    greedy = simulate(job, scenario, make("greedy"))
+    ours = simulate(job, scenario, make("cbas"))
+    assert not ours.missed
+    assert ours.spot_hours < greedy.spot_hours  # greedy loses every period's work until forced to on-demand
+    assert ours.cost < greedy.cost
