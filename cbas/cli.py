@@ -310,5 +310,21 @@ def demo(keep: bool, trace: Path | None, seed: int | None, time_scale: float | N
     sys.exit(run_demo(keep=keep, trace=trace, console=console, seed=seed, time_scale=time_scale))
 
 
+@cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("name", type=click.Choice(["checkpoint", "scheduler"]))
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench(name: str, args: tuple[str, ...]) -> None:
+    """Run a benchmark from scripts/bench (it prints a table and writes JSON).
+
+    Example: cbas bench scheduler --traces ../shared/traces --starts 6
+    """
+    import subprocess
+
+    script = Path(__file__).resolve().parent.parent / "scripts" / "bench" / f"{name}.py"
+    if not script.exists():
+        fail(f"{script} is not here: benchmarks run from a checkout of CBAS", 2)
+    sys.exit(subprocess.call([sys.executable, str(script), *args]))
+
+
 def main() -> None:
     cli(obj={})

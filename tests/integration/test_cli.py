@@ -70,7 +70,7 @@ def test_fetching_an_unfinished_job_says_so(cluster: Cluster) -> None:
     cluster.wait(job_id)
 
 
-@pytest.mark.parametrize("command", ["submit", "status", "logs", "cancel", "fetch", "master", "demo"])
+@pytest.mark.parametrize("command", ["submit", "status", "logs", "cancel", "fetch", "master", "demo", "bench"])
 def test_every_command_explains_itself_with_an_example(command: str) -> None:
     result = subprocess.run([sys.executable, "-m", "cbas", command, "--help"], capture_output=True, text=True)
     assert result.returncode == 0
@@ -86,3 +86,15 @@ def test_logs_follow_prints_until_the_job_ends(cluster: Cluster) -> None:
     assert followed.stdout.startswith("starting: counting to 40")
     assert followed.stdout.rstrip().endswith("done: counted to 40")
     assert cluster.job(job_id)["state"] == "COMPLETED"
+
+
+def test_bench_runs_a_benchmark_script(tmp_path) -> None:
+    from tests.tracefiles import write_trace
+
+    trace = write_trace(tmp_path / "t.csv", {("z1", "c5.large"): (0.03, 0.085, [(0.0, True), (30000.0, False)])},
+                        span=400000)
+    out = tmp_path / "s.json"
+    result = subprocess.run([sys.executable, "-m", "cbas", "bench", "scheduler", "--traces", str(tmp_path),
+                             "--starts", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "cbas" in result.stdout and json.loads(out.read_text())["policies"]["cbas"]["runs"] == 18
