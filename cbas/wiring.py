@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cbas.settings import Settings
+
+if TYPE_CHECKING:  # the implementations are imported when asked for, not at start-up
+    from cbas.backends import BlobStore, MessageBus
+    from cbas.master.service import Backends
 
 
 class BackendUnavailable(RuntimeError):
@@ -30,21 +35,21 @@ def _require_local(settings: Settings) -> None:
         )
 
 
-def open_blobs(settings: Settings):  # -> BlobStore
+def open_blobs(settings: Settings) -> BlobStore:
     _require_local(settings)
     from cbas.local.blobs import FolderBlobStore
 
     return FolderBlobStore(settings.home / "blobs")
 
 
-def open_bus(settings: Settings):  # -> MessageBus
+def open_bus(settings: Settings) -> MessageBus:
     _require_local(settings)
     from cbas.local.bus import LocalMessageBus
 
     return LocalMessageBus(settings.home, db_path(settings))
 
 
-def open_master_backends(settings: Settings):  # -> Backends
+def open_master_backends(settings: Settings) -> Backends:
     _require_local(settings)
     from cbas.local.cloud import LocalCloud
     from cbas.local.store import SqliteJobStore

@@ -18,6 +18,7 @@ from cbas.checkpoint.dmtcp import java_without_perf_data
 from cbas.checkpoint.store import ChunkStore
 from cbas.messages import MessageType
 from tests.harness import Harness, wait_for_line, wait_running
+from tests.fakedmtcp.stub_header import STUB_HEADER
 from tests.homes import reachable_tmp
 
 FAKE = Path(__file__).resolve().parents[1] / "fakedmtcp"
@@ -33,7 +34,8 @@ def fake_dmtcp(monkeypatch: pytest.MonkeyPatch):
         for tool in ("dmtcp_launch", "dmtcp_command", "dmtcp_restart"):
             shutil.copy(FAKE / "fake_dmtcp.py", root / "bin" / tool)
             (root / "bin" / tool).chmod(0o755)
-        shutil.copytree(FAKE / "include", root / "include")
+        (root / "include").mkdir()
+        (root / "include" / "dmtcp.h").write_text(STUB_HEADER)
         monkeypatch.setenv("PATH", f"{root / 'bin'}:{os.environ['PATH']}")
         yield root
 

@@ -1,5 +1,8 @@
-/* The few declarations of DMTCP's dmtcp.h that cbas/checkpoint/dmtcp_hook.c uses, so the fake
- * DMTCP can exercise the hook's build; the real header comes with DMTCP. */
+"""The few declarations of DMTCP's header that cbas/checkpoint/dmtcp_hook.c uses, written by the
+fake DMTCP fixture next to its tools so the hook's build path runs in CI; DMTCP itself brings
+the real header."""
+
+STUB_HEADER = """\
 #ifndef FAKE_DMTCP_H
 #define FAKE_DMTCP_H
 #include <stddef.h>
@@ -15,3 +18,4 @@ typedef enum { RESTART_ENV_SUCCESS = 0 } DmtcpGetRestartEnvErr_t;
 DmtcpGetRestartEnvErr_t dmtcp_get_restart_env(const char *name, char *value, size_t maxvaluelen);
 #define DMTCP_DECL_PLUGIN(descr) void dmtcp_initialize_plugin(void) {}
 #endif
+"""
