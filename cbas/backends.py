@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Awaitable, Callable, Protocol
+from typing import Callable, Protocol
 
 from cbas.messages import Envelope
 from cbas.models import CheckpointRecord, Job, JobEvent, LaunchSpec, LedgerEntry, Machine, Offer
@@ -110,5 +110,3 @@ class MessageBus(Protocol):
         ...
     async def close(self) -> None: ...
 
-
-SpotActionWatcher = Callable[[], Awaitable[dict[str, str] | None]]

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from typing import Callable, Literal
 
 from cbas.jdl import JobDescription, parse_deadline
@@ -167,6 +166,3 @@ class SchedulerAdapter:
                                                  f"{residual * 60:.0f} min; {unsaved * 60:.0f} min of work is unsaved")
         return Decision("keep")
 
-
-def utc(timestamp: float) -> datetime:
-    return datetime.fromtimestamp(timestamp, timezone.utc)

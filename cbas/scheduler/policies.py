@@ -13,7 +13,7 @@ import math
 from typing import NamedTuple
 
 from cbas.scheduler.model import JobSpec, Scenario
-from cbas.scheduler.simulator import ON_DEMAND, WAIT, Progress
+from cbas.scheduler.simulator import ON_DEMAND, WAIT, Policy, Progress
 
 POLICIES: dict[str, type] = {}
 
@@ -237,13 +237,12 @@ class Cbas(_Base):
         ), self.step)
 
 
-def make(name: str, home: int = 0):  # type: ignore[no-untyped-def]
+def make(name: str, home: int = 0) -> Policy:
+    """A fresh policy by name; `home` is the single-zone policies' market."""
     if name == "omniscient":
         from cbas.scheduler.omniscient import Omniscient
 
         return Omniscient()
-    return POLICIES[name](home)
+    policy: Policy = POLICIES[name](home)
+    return policy
 
-
-def steps_for(hours: float, step: float) -> int:
-    return int(math.ceil(hours / step - 1e-9))
