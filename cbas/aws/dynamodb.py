@@ -1,0 +1,227 @@
+"""JobStore on DynamoDB: one table, created on first use if missing.
+
+Schema (partition key `pk`, sort key `sk`, both strings; index `by-state` on `state_pk`):
+
+| item | pk | sk | state_pk (indexed) |
+|---|---|---|---|
+| job | `JOB#<id>` | `JOB` | `JOBSTATE#<state>` |
+| ledger entry | `LEDGER#<id>` | `LEDGER` | `LEDGERSTATE#<state>` |
+| checkpoint | `JOB#<job id>` | `CKPT#<checkpoint id>` | - |
+| event | `JOB#<job id>` | `EVENT#<time>#<random>` | - |
+| seen message | `MSG#<id>` | `SEEN` | - (attribute `expires`, the table's TTL) |
+
+Every record is kept as JSON in `data` with its `version`; every update is a conditional write
+on that version, so of two writers exactly one wins. Calls are blocking boto3 run in threads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import time
+from decimal import Decimal
+from typing import Any, Callable, TypeVar
+
+import boto3
+from boto3.dynamodb.conditions import Key
+from botocore.exceptions import ClientError
+
+from cbas.aws.retry import aws_retry
+from cbas.backends import JobMutation, NotFound, StaleWrite
+from cbas.models import CheckpointRecord, Job, JobEvent, LedgerEntry, LedgerState, utcnow
+from cbas.state import JobState
+
+T = TypeVar("T")
+STATE_INDEX = "by-state"
+
+
+def _conditional_failed(error: ClientError) -> bool:
+    return error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+
+
+class DynamoJobStore:
+    def __init__(self, table_name: str, resource: Any | None = None) -> None:
+        self.resource = resource or boto3.resource("dynamodb")
+        self.table_name = table_name
+        self.table = self._ensure_table()
+
+    @aws_retry
+    def _ensure_table(self) -> Any:
+        client = self.resource.meta.client
+        try:
+            client.describe_table(TableName=self.table_name)
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") != "ResourceNotFoundException":
+                raise
+            client.create_table(
+                TableName=self.table_name, BillingMode="PAY_PER_REQUEST",
+                AttributeDefinitions=[{"AttributeName": n, "AttributeType": "S"} for n in ("pk", "sk", "state_pk")],
+                KeySchema=[{"AttributeName": "pk", "KeyType": "HASH"}, {"AttributeName": "sk", "KeyType": "RANGE"}],
+                GlobalSecondaryIndexes=[{
+                    "IndexName": STATE_INDEX, "KeySchema": [{"AttributeName": "state_pk", "KeyType": "HASH"}],
+                    "Projection": {"ProjectionType": "ALL"},
+                }],
+            )
+            client.get_waiter("table_exists").wait(TableName=self.table_name)
+            client.update_time_to_live(TableName=self.table_name,
+                                       TimeToLiveSpecification={"Enabled": True, "AttributeName": "expires"})
+        return self.resource.Table(self.table_name)
+
+    async def _run(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        return await asyncio.to_thread(aws_retry(func), *args, **kwargs)
+
+    def _put(self, item: dict[str, Any], condition: str, values: dict[str, Any] | None = None,
+             names: dict[str, str] | None = None) -> None:
+        kwargs: dict[str, Any] = {"Item": item, "ConditionExpression": condition}
+        if values:
+            kwargs["ExpressionAttributeValues"] = values
+        if names:
+            kwargs["ExpressionAttributeNames"] = names
+        self.table.put_item(**kwargs)
+
+    def _query_index(self, state_pk: str) -> list[dict[str, Any]]:
+        items, start = [], None
+        while True:
+            kwargs: dict[str, Any] = {"IndexName": STATE_INDEX, "KeyConditionExpression": Key("state_pk").eq(state_pk)}
+            if start:
+                kwargs["ExclusiveStartKey"] = start
+            page = self.table.query(**kwargs)
+            items += page["Items"]
+            start = page.get("LastEvaluatedKey")
+            if not start:
+                return items
+
+    def _query_pk(self, pk: str, sk_prefix: str) -> list[dict[str, Any]]:
+        items, start = [], None
+        while True:
+            kwargs: dict[str, Any] = {"KeyConditionExpression": Key("pk").eq(pk) & Key("sk").begins_with(sk_prefix)}
+            if start:
+                kwargs["ExclusiveStartKey"] = start
+            page = self.table.query(**kwargs)
+            items += page["Items"]
+            start = page.get("LastEvaluatedKey")
+            if not start:
+                return items
+
+    # --- jobs -----------------------------------------------------------------------------------------
+    @staticmethod
+    def _job_item(job: Job) -> dict[str, Any]:
+        return {"pk": f"JOB#{job.id}", "sk": "JOB", "state_pk": f"JOBSTATE#{job.state.value}",
+                "version": job.version, "data": job.model_dump_json()}
+
+    async def create_job(self, job: Job) -> Job:
+        try:
+            await self._run(self._put, self._job_item(job), "attribute_not_exists(pk)")
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                raise StaleWrite(f"job {job.id} exists already") from None
+            raise
+        return job
+
+    async def get_job(self, job_id: str) -> Job:
+        item = (await self._run(self.table.get_item, Key={"pk": f"JOB#{job_id}", "sk": "JOB"}, ConsistentRead=True)).get("Item")
+        if item is None:
+            raise NotFound(f"job {job_id}")
+        return Job.model_validate_json(item["data"])
+
+    async def list_jobs(self, states: set[JobState] | None = None) -> list[Job]:
+        wanted = states if states is not None else set(JobState)
+        items: list[dict[str, Any]] = []
+        for state in sorted(wanted):
+            items += await self._run(self._query_index, f"JOBSTATE#{state.value}")
+        jobs = [Job.model_validate_json(item["data"]) for item in items]
+        return sorted(jobs, key=lambda job: (job.submitted_at, job.id))
+
+    async def update_job(self, job: Job) -> Job:
+        new = job.model_copy(update={"version": job.version + 1, "updated_at": utcnow()})
+        try:
+            await self._run(self._put, self._job_item(new), "#v = :v", {":v": job.version}, {"#v": "version"})
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                raise StaleWrite(f"job {job.id} changed since version {job.version}") from None
+            raise
+        return new
+
+    async def mutate_job(self, job_id: str, change: JobMutation) -> Job | None:
+        for _ in range(20):
+            job = await self.get_job(job_id)
+            changed = change(job)
+            if changed is None:
+                return None
+            try:
+                return await self.update_job(changed)
+            except StaleWrite:
+                continue
+        raise StaleWrite(f"job {job_id}: too many concurrent writers")
+
+    # --- the ledger -------------------------------------------------------------------------------------
+    async def put_ledger(self, entry: LedgerEntry) -> LedgerEntry:
+        new = entry.model_copy(update={"version": entry.version + 1})
+        item = {"pk": f"LEDGER#{new.id}", "sk": "LEDGER", "state_pk": f"LEDGERSTATE#{new.state.value}",
+                "version": new.version, "data": new.model_dump_json()}
+        try:
+            if entry.version == 0:
+                await self._run(self._put, item, "attribute_not_exists(pk)")
+            else:
+                await self._run(self._put, item, "#v = :v", {":v": entry.version}, {"#v": "version"})
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                raise StaleWrite(f"ledger entry {entry.id} changed since version {entry.version}") from None
+            raise
+        return new
+
+    async def list_ledger(self, live_only: bool = True) -> list[LedgerEntry]:
+        states = [LedgerState.LAUNCHING, LedgerState.RUNNING] + ([] if live_only else [LedgerState.TERMINATED])
+        items: list[dict[str, Any]] = []
+        for state in states:
+            items += await self._run(self._query_index, f"LEDGERSTATE#{state.value}")
+        return sorted((LedgerEntry.model_validate_json(i["data"]) for i in items), key=lambda e: (e.created_at, e.id))
+
+    # --- checkpoints and events -----------------------------------------------------------------------------
+    async def add_checkpoint(self, record: CheckpointRecord) -> bool:
+        item = {"pk": f"JOB#{record.job_id}", "sk": f"CKPT#{record.id}", "data": record.model_dump_json()}
+        try:
+            await self._run(self._put, item, "attribute_not_exists(sk)")
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
+    async def list_checkpoints(self, job_id: str) -> list[CheckpointRecord]:
+        items = await self._run(self._query_pk, f"JOB#{job_id}", "CKPT#")
+        return sorted((CheckpointRecord.model_validate_json(i["data"]) for i in items), key=lambda c: c.id)
+
+    async def mark_checkpoint_bad(self, job_id: str, checkpoint_id: str) -> None:
+        for record in await self.list_checkpoints(job_id):
+            if record.id == checkpoint_id and not record.bad:
+                item = {"pk": f"JOB#{job_id}", "sk": f"CKPT#{checkpoint_id}",
+                        "data": record.model_copy(update={"bad": True}).model_dump_json()}
+                await self._run(self.table.put_item, Item=item)
+
+    async def add_event(self, event: JobEvent) -> None:
+        sk = f"EVENT#{event.at.isoformat()}#{secrets.token_hex(4)}"
+        await self._run(self.table.put_item, Item={"pk": f"JOB#{event.job_id}", "sk": sk, "data": event.model_dump_json()})
+
+    async def list_events(self, job_id: str) -> list[JobEvent]:
+        items = await self._run(self._query_pk, f"JOB#{job_id}", "EVENT#")
+        return [JobEvent.model_validate_json(i["data"]) for i in sorted(items, key=lambda i: i["sk"])]
+
+    # --- seen messages ----------------------------------------------------------------------------------------
+    async def first_sighting(self, message_id: str, window_seconds: float) -> bool:
+        now = time.time()
+        item = {"pk": f"MSG#{message_id}", "sk": "SEEN", "expires": int(now + window_seconds) + 1,
+                "expires_exact": Decimal(repr(now + window_seconds))}
+        try:  # new, or seen so long ago that it has expired (TTL deletes lazily)
+            await self._run(self._put, item, "attribute_not_exists(pk) OR expires_exact < :now", {":now": Decimal(repr(now))})
+        except ClientError as exc:
+            if _conditional_failed(exc):
+                return False
+            raise
+        return True
+
+    async def forget_sighting(self, message_id: str) -> None:
+        await self._run(self.table.delete_item, Key={"pk": f"MSG#{message_id}", "sk": "SEEN"})
+
+    async def close(self) -> None:
+        pass
