@@ -58,6 +58,8 @@ class Worker:
         except InvalidMessage as exc:
             log.warning("message.rejected", reason=str(exc))
             return web.json_response({"error": f"message rejected: {exc}"}, status=403)
+        if message is None:
+            return web.json_response({"ok": True, "control": True})
         if message.recipient != self.address:
             return web.json_response({"error": f"this is {self.address}, not {message.recipient}"}, status=400)
         try:

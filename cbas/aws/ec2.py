@@ -1,0 +1,155 @@
+"""The Cloud on EC2: spot and on-demand instances for jobs, found again by their tags."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+import boto3
+import structlog
+from botocore.exceptions import ClientError
+
+from cbas.aws.retry import aws_retry
+from cbas.backends import CapacityError
+from cbas.models import LaunchSpec, Machine, Offer
+
+log = structlog.get_logger(__name__)
+
+USER_DATA_TEMPLATE = Path(__file__).resolve().parents[2] / "scripts" / "user-data.sh.tmpl"
+CAPACITY_CODES = frozenset({"InsufficientInstanceCapacity", "SpotMaxPriceTooLow", "MaxSpotInstanceCountExceeded",
+                            "InsufficientCapacity", "UnfulfillableCapacity"})
+# us-east-1 Linux on-demand USD/hour of the types CBAS offers by default
+ONDEMAND_PRICES = {"m5.large": 0.096, "c5.large": 0.085, "c5.xlarge": 0.17, "r5.large": 0.126, "p3.2xlarge": 3.06}
+LIVE_STATES = ["pending", "running", "stopping", "stopped"]
+
+
+def render_user_data(wheel_url: str, wheel_name: str, environment: dict[str, str], template: Path = USER_DATA_TEMPLATE) -> str:
+    """The boot script; `environment` is settings only (CBAS_*), never credentials."""
+    for name, value in environment.items():
+        if not name.startswith("CBAS_") or "\n" in value:
+            raise ValueError(f"user-data may carry CBAS_ settings only, one line each: {name}")
+    lines = "\n".join(f"{name}={value}" for name, value in sorted(environment.items()))
+    text = template.read_text()
+    for name, value in (("wheel_url", wheel_url), ("wheel_name", wheel_name), ("environment", lines)):
+        text = text.replace("{{" + name + "}}", value)
+    if "{{" in text:  # the template names something we do not fill in
+        raise ValueError(f"unfilled placeholder in {template.name}: {text[text.index('{{'):][:40]}")
+    return text
+
+
+class Ec2Cloud:
+    def __init__(self, cluster: str, image_id: str, user_data: str, client: Any | None = None,
+                 instance_profile: str | None = None, security_groups: list[str] | None = None,
+                 instance_types: list[str] | None = None) -> None:
+        self.cluster = cluster
+        self.image_id = image_id
+        self.user_data = user_data
+        self.client = client or boto3.client("ec2")
+        self.instance_profile = instance_profile
+        self.security_groups = security_groups or []
+        self.instance_types = instance_types or list(ONDEMAND_PRICES)
+
+    async def start(self) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+    def _machine(self, instance: dict[str, Any], price: float = 0.0) -> Machine:
+        tags = {tag["Key"]: tag["Value"] for tag in instance.get("Tags", [])}
+        state = instance["State"]["Name"]
+        return Machine(
+            instance_id=instance["InstanceId"], zone=instance["Placement"]["AvailabilityZone"],
+            instance_type=instance["InstanceType"],
+            market="spot" if instance.get("InstanceLifecycle") == "spot" else "on-demand",
+            price=price or float(tags.get("cbas:price", 0.0)),
+            state="terminated" if state in ("shutting-down", "terminated") else ("pending" if state == "pending" else "running"),
+            tags=tags, launched_at=instance["LaunchTime"],
+        )
+
+    def _find(self, filters: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        instances = []
+        for page in self.client.get_paginator("describe_instances").paginate(Filters=filters):
+            for reservation in page["Reservations"]:
+                instances += reservation["Instances"]
+        return instances
+
+    async def launch(self, spec: LaunchSpec) -> Machine:
+        def run() -> Machine:
+            existing = self._find([{"Name": "tag:cbas:ledger", "Values": [spec.ledger_id]},
+                                   {"Name": "instance-state-name", "Values": LIVE_STATES}])
+            if existing:  # a launch retried after a crash: the ledger id names it
+                return self._machine(existing[0])
+            price = ONDEMAND_PRICES.get(spec.instance_type, 0.0) if spec.market == "on-demand" else (spec.max_price or 0.0)
+            tags = [{"Key": k, "Value": v} for k, v in {
+                **spec.tags, "cbas:cluster": self.cluster, "cbas:job": spec.job_id, "cbas:ledger": spec.ledger_id,
+                "cbas:price": str(price),
+            }.items()]
+            params: dict[str, Any] = {
+                "ImageId": self.image_id, "InstanceType": spec.instance_type, "MinCount": 1, "MaxCount": 1,
+                "ClientToken": spec.ledger_id, "UserData": self.user_data,
+                "Placement": {"AvailabilityZone": spec.zone},
+                "TagSpecifications": [{"ResourceType": kind, "Tags": tags} for kind in ("instance", "volume")],
+                "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},  # IMDSv2 only
+            }
+            if self.instance_profile:
+                params["IamInstanceProfile"] = {"Name": self.instance_profile}
+            if self.security_groups:
+                params["SecurityGroupIds"] = self.security_groups
+            if spec.market == "spot":
+                options: dict[str, Any] = {"SpotInstanceType": "one-time", "InstanceInterruptionBehavior": "terminate"}
+                if spec.max_price is not None:
+                    options["MaxPrice"] = f"{spec.max_price:.4f}"
+                params["InstanceMarketOptions"] = {"MarketType": "spot", "SpotOptions": options}
+            try:
+                instance = aws_retry(self.client.run_instances)(**params)["Instances"][0]
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") in CAPACITY_CODES:
+                    raise CapacityError(f"{spec.market} {spec.instance_type} in {spec.zone}: {exc}") from None
+                raise
+            return self._machine(instance, price)
+
+        machine = await asyncio.to_thread(run)
+        log.info("machine.launched", instance_id=machine.instance_id, job_id=spec.job_id, zone=spec.zone, market=spec.market)
+        return machine
+
+    async def terminate(self, instance_id: str) -> None:
+        def end() -> None:
+            try:
+                aws_retry(self.client.terminate_instances)(InstanceIds=[instance_id])
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "InvalidInstanceID.NotFound":
+                    raise
+
+        await asyncio.to_thread(end)
+
+    async def list_machines(self) -> list[Machine]:
+        instances = await asyncio.to_thread(aws_retry(self._find), [
+            {"Name": "tag:cbas:cluster", "Values": [self.cluster]},
+            {"Name": "instance-state-name", "Values": LIVE_STATES},
+        ])
+        return [self._machine(i) for i in instances]
+
+    async def offers(self) -> list[Offer]:
+        """The latest spot price per zone and type (capacity is learned at launch: EC2 does not say)."""
+        def history() -> list[dict[str, Any]]:
+            rows: list[dict[str, Any]] = []
+            pages = self.client.get_paginator("describe_spot_price_history").paginate(
+                InstanceTypes=self.instance_types, ProductDescriptions=["Linux/UNIX"],
+                StartTime=datetime.now(timezone.utc) - timedelta(hours=3))
+            for page in pages:
+                rows += page["SpotPriceHistory"]
+            return rows
+
+        latest: dict[tuple[str, str], tuple[datetime, float]] = {}
+        for row in await asyncio.to_thread(aws_retry(history)):
+            key = (row["AvailabilityZone"], row["InstanceType"])
+            if key not in latest or row["Timestamp"] > latest[key][0]:
+                latest[key] = (row["Timestamp"], float(row["SpotPrice"]))
+        return [
+            Offer(zone=zone, instance_type=kind, spot_price=price,
+                  ondemand_price=ONDEMAND_PRICES.get(kind, price * 3), available=True)
+            for (zone, kind), (_, price) in sorted(latest.items())
+        ]

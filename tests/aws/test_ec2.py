@@ -1,0 +1,64 @@
+"""The EC2 cloud on moto: spot and on-demand launches, tags, idempotency, listing, offers."""
+
+from __future__ import annotations
+
+import base64
+
+import boto3
+import pytest
+from moto import mock_aws
+
+from cbas.aws.ec2 import Ec2Cloud, render_user_data
+from cbas.models import LaunchSpec
+
+
+@pytest.fixture
+def ec2(monkeypatch: pytest.MonkeyPatch):
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    with mock_aws():
+        client = boto3.client("ec2", region_name="us-east-1")
+        image = client.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]
+        yield client, image
+
+
+USER_DATA = render_user_data("https://bucket.s3.amazonaws.com/cbas.whl?X-Amz-Expires=300", "cbas-0.1.0-py3-none-any.whl",
+                             {"CBAS_BACKEND": "aws", "CBAS_CLUSTER": "test"})
+
+
+async def test_spot_launch_is_tagged_idempotent_listed_and_terminated(ec2) -> None:  # type: ignore[no-untyped-def]
+    client, image = ec2
+    cloud = Ec2Cloud("test", image, USER_DATA, client)
+    spec = LaunchSpec(ledger_id="l-1", job_id="j1", instance_type="c5.large", zone="us-east-1a", market="spot",
+                      max_price=0.05)
+    machine = await cloud.launch(spec)
+    assert machine.market == "spot" and machine.zone == "us-east-1a" and machine.tags["cbas:job"] == "j1"
+    again = await cloud.launch(spec)  # the same ledger id: the same machine
+    assert again.instance_id == machine.instance_id
+    [instance] = client.describe_instances(InstanceIds=[machine.instance_id])["Reservations"][0]["Instances"]
+    assert instance["InstanceLifecycle"] == "spot" and instance["InstanceType"] == "c5.large"
+    volumes = client.describe_volumes(Filters=[{"Name": "tag:cbas:job", "Values": ["j1"]}])["Volumes"]
+    assert volumes  # volumes are tagged too, so the reaper can find them
+    data = client.describe_instance_attribute(InstanceId=machine.instance_id, Attribute="userData")["UserData"]["Value"]
+    assert "cbas worker" in base64.b64decode(data).decode()
+    assert [m.instance_id for m in await cloud.list_machines()] == [machine.instance_id]
+    assert await Ec2Cloud("other-cluster", image, USER_DATA, client).list_machines() == []
+    await cloud.terminate(machine.instance_id)
+    await cloud.terminate(machine.instance_id)  # twice is fine
+    assert await cloud.list_machines() == []
+
+
+async def test_on_demand_and_offers(ec2) -> None:  # type: ignore[no-untyped-def]
+    client, image = ec2
+    cloud = Ec2Cloud("test", image, USER_DATA, client, instance_types=["c5.large"])
+    machine = await cloud.launch(LaunchSpec(ledger_id="l-2", job_id="j2", instance_type="c5.large", zone="us-east-1b",
+                                            market="on-demand"))
+    assert machine.market == "on-demand" and machine.price == 0.085
+    offers = await cloud.offers()
+    assert offers and all(o.instance_type == "c5.large" and o.ondemand_price == 0.085 for o in offers)
+
+
+def test_user_data_carries_settings_but_never_credentials() -> None:
+    assert "CBAS_CLUSTER=test" in USER_DATA and "169.254.169.254" in USER_DATA
+    with pytest.raises(ValueError, match="CBAS_ settings only"):
+        render_user_data("https://x", "w.whl", {"AWS_SECRET_ACCESS_KEY": "nope"})
