@@ -55,6 +55,16 @@ class Settings(BaseSettings):
     market_seed: int | None = None
     market_trace: Path | None = None  # replay this trace instead of the built-in model
 
+    # aws backend (cbas aws bootstrap prints these)
+    aws_region: str = "us-east-1"
+    aws_bucket: str = ""
+    aws_table: str = ""
+    aws_topic_arn: str = ""
+    aws_image_id: str = ""
+    aws_instance_profile: str = ""
+    aws_security_groups: list[str] = Field(default_factory=list)
+    public_url: str = ""  # where SNS reaches this master's /messages (https on AWS)
+
     log_level: str = "INFO"
 
     def machines_root(self) -> Path:

@@ -28,32 +28,61 @@ def master_file(settings: Settings) -> Path:
     return settings.home / "master.json"
 
 
-def _require_local(settings: Settings) -> None:
-    if settings.backend != "local":
-        raise BackendUnavailable(
-            f"the {settings.backend!r} backend is not available in this version; use backend 'local'"
-        )
+def _require_aws(settings: Settings, *names: str) -> None:
+    missing = [f"CBAS_{name.upper()}" for name in names if not getattr(settings, name)]
+    if missing:
+        raise BackendUnavailable(f"the aws backend needs {', '.join(missing)} (see `cbas aws bootstrap`)")
 
 
 def open_blobs(settings: Settings) -> BlobStore:
-    _require_local(settings)
+    if settings.backend == "aws":
+        import boto3
+
+        from cbas.aws.s3 import S3BlobStore
+
+        _require_aws(settings, "aws_bucket")
+        return S3BlobStore(settings.aws_bucket, boto3.client("s3", region_name=settings.aws_region))
     from cbas.local.blobs import FolderBlobStore
 
     return FolderBlobStore(settings.home / "blobs")
 
 
 def open_bus(settings: Settings) -> MessageBus:
-    _require_local(settings)
+    if settings.backend == "aws":
+        import boto3
+
+        from cbas.aws.bus import SnsMessageBus
+        from cbas.aws.sns import CertificateCache, SnsVerifier
+
+        _require_aws(settings, "aws_topic_arn")
+        return SnsMessageBus(settings.aws_topic_arn, SnsVerifier(settings.aws_topic_arn, CertificateCache()),
+                             boto3.client("sns", region_name=settings.aws_region))
     from cbas.local.bus import LocalMessageBus
 
     return LocalMessageBus(settings.home, db_path(settings))
 
 
 def open_master_backends(settings: Settings) -> Backends:
-    _require_local(settings)
+    from cbas.master.service import Backends
+
+    if settings.backend == "aws":
+        import boto3
+
+        from cbas.aws.dynamodb import DynamoJobStore
+        from cbas.aws.ec2 import Ec2Cloud
+
+        _require_aws(settings, "aws_table", "aws_image_id", "public_url")
+        return Backends(
+            store=DynamoJobStore(settings.aws_table, boto3.resource("dynamodb", region_name=settings.aws_region)),
+            blobs=open_blobs(settings),
+            bus=open_bus(settings),
+            cloud=Ec2Cloud(settings.cluster, settings.aws_image_id, user_data="",
+                           client=boto3.client("ec2", region_name=settings.aws_region),
+                           instance_profile=settings.aws_instance_profile or None,
+                           security_groups=settings.aws_security_groups),
+        )
     from cbas.local.cloud import LocalCloud
     from cbas.local.store import SqliteJobStore
-    from cbas.master.service import Backends
 
     return Backends(
         store=SqliteJobStore(db_path(settings)),

@@ -68,7 +68,8 @@ async def serve(settings: Settings, on_ready: Callable[[str], None] | None = Non
         loop.add_signal_handler(sig, stop.set)
     info_path = master_file(settings)
     try:
-        await backends.bus.subscribe(MASTER, f"{url}/messages")
+        # on AWS, SNS must reach the master at its public address
+        await backends.bus.subscribe(MASTER, f"{settings.public_url or url}/messages")
         await master.start()
         tmp = info_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))

@@ -109,12 +109,19 @@ class Worker:
             await self.ping()
 
     async def _notice_watcher(self) -> None:
+        rebalanced = False
         while not self.noticed:
             try:
                 action = await self.metadata.spot_action()
+                rebalance = None if rebalanced else await self.metadata.rebalance()
             except Exception as exc:  # the endpoint may hiccup; keep watching
                 log.warning("metadata.unreachable", error=str(exc))
-                action = None
+                action = rebalance = None
+            if rebalance and not action and self.job is not None:
+                # often earlier than the notice: save the work now, keep running until told
+                rebalanced = True
+                log.warning("spot.rebalance_recommendation", notice=rebalance)
+                self._background(self.job.checkpoint("rebalance"))
             if action:
                 self.noticed = True
                 log.warning("spot.notice", action=action)

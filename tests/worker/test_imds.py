@@ -41,3 +41,11 @@ async def test_an_expired_token_is_renewed(served) -> None:
     _, client, _ = served
     client._token = "expired"
     assert await client.get("instance-id") == "i-123"
+
+
+async def test_rebalance_recommendation_is_read(served) -> None:
+    root, client, _ = served
+    assert await client.rebalance() is None
+    (root / "events" / "recommendations").mkdir(parents=True)
+    (root / "events" / "recommendations" / "rebalance").write_text('{"noticeTime": "2026-01-01T00:00:00Z"}')
+    assert await client.rebalance() == {"noticeTime": "2026-01-01T00:00:00Z"}

@@ -1,0 +1,37 @@
+"""Settings choose the backends; the aws backend says what it still needs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from moto import mock_aws
+
+from cbas.aws.bus import SnsMessageBus
+from cbas.aws.s3 import S3BlobStore
+from cbas.local.blobs import FolderBlobStore
+from cbas.settings import Settings
+from cbas.wiring import BackendUnavailable, open_blobs, open_bus, open_master_backends
+
+
+def test_local_is_the_default(tmp_path: Path) -> None:
+    assert isinstance(open_blobs(Settings(home=tmp_path)), FolderBlobStore)
+
+
+def test_aws_needs_its_resources_named(tmp_path: Path) -> None:
+    with pytest.raises(BackendUnavailable, match="CBAS_AWS_BUCKET"):
+        open_blobs(Settings(home=tmp_path, backend="aws"))
+    with pytest.raises(BackendUnavailable, match="CBAS_AWS_TABLE, CBAS_AWS_IMAGE_ID, CBAS_PUBLIC_URL"):
+        open_master_backends(Settings(home=tmp_path, backend="aws", aws_bucket="b", aws_topic_arn="arn:t"))
+
+
+def test_aws_backends_from_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.setenv(name, "testing")
+    with mock_aws():
+        settings = Settings(home=tmp_path, backend="aws", aws_bucket="b", aws_topic_arn="arn:aws:sns:us-east-1:1:t",
+                            aws_table="cbas", aws_image_id="ami-1", public_url="https://master.example")
+        assert isinstance(open_blobs(settings), S3BlobStore)
+        assert isinstance(open_bus(settings), SnsMessageBus)
+        backends = open_master_backends(settings)
+        assert backends.store.table_name == "cbas"  # type: ignore[attr-defined]
