@@ -310,6 +310,48 @@ def demo(keep: bool, trace: Path | None, seed: int | None, time_scale: float | N
     sys.exit(run_demo(keep=keep, trace=trace, console=console, seed=seed, time_scale=time_scale))
 
 
+@cli.group()
+def aws() -> None:
+    """Create or remove the AWS resources of a CBAS cluster."""
+
+
+@aws.command()
+@click.option("--cluster", default="default", show_default=True, help="Name of the cluster (part of every name).")
+@click.option("--region", default="us-east-1", show_default=True)
+def bootstrap(cluster: str, region: str) -> None:
+    """Create the bucket, table, topic, worker role and security group (again: only what is missing).
+
+    Example: cbas aws bootstrap --cluster lab --region eu-west-1 >> ~/.cbas/aws.env
+    """
+    from cbas.aws.bootstrap import Bootstrap
+
+    report = Bootstrap(cluster, region).up()
+    for line in report.created:
+        err_console.print(f"created {line}")
+    for line in report.found:
+        err_console.print(f"found   {line}")
+    err_console.print("set these (an AMI with Python 3.11 as CBAS_AWS_IMAGE_ID, the master's https address as CBAS_PUBLIC_URL):")
+    for name, value in report.settings.items():
+        click.echo(f"{name}={value}")
+
+
+@aws.command()
+@click.option("--cluster", default="default", show_default=True)
+@click.option("--region", default="us-east-1", show_default=True)
+@click.option("--yes", is_flag=True, help="Really delete (the bucket with all job data in it).")
+def teardown(cluster: str, region: str, yes: bool) -> None:
+    """Delete what bootstrap created, the bucket's job data included.
+
+    Example: cbas aws teardown --cluster lab --yes
+    """
+    from cbas.aws.bootstrap import Bootstrap
+
+    if not yes:
+        fail("teardown deletes every job's data in the bucket; run it again with --yes to go ahead", 2)
+    for line in Bootstrap(cluster, region).down().created:
+        err_console.print(line)
+
+
 @cli.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
 @click.argument("name", type=click.Choice(["checkpoint", "scheduler"]))
 @click.argument("args", nargs=-1, type=click.UNPROCESSED)
