@@ -64,6 +64,7 @@ class Settings(BaseSettings):
     aws_instance_profile: str = ""
     aws_security_groups: list[str] = Field(default_factory=list)
     public_url: str = ""  # where SNS reaches this master's /messages (https on AWS)
+    aws_worker_wheel: Path | None = None  # the cbas wheel workers install (uploaded to the bucket)
 
     log_level: str = "INFO"
 

@@ -69,14 +69,19 @@ def open_master_backends(settings: Settings) -> Backends:
         import boto3
 
         from cbas.aws.dynamodb import DynamoJobStore
-        from cbas.aws.ec2 import Ec2Cloud
+        from cbas.aws.ec2 import Ec2Cloud, presigned_user_data, publish_worker_wheel, worker_environment
+        from cbas.local.cloud import settings_env
 
-        _require_aws(settings, "aws_table", "aws_image_id", "public_url")
+        _require_aws(settings, "aws_table", "aws_image_id", "public_url", "aws_worker_wheel")
+        assert settings.aws_worker_wheel is not None
+        blobs = open_blobs(settings)
+        wheel_key = publish_worker_wheel(blobs, settings.aws_worker_wheel)
+        user_data = presigned_user_data(blobs, wheel_key, worker_environment(settings_env(settings)))
         return Backends(
             store=DynamoJobStore(settings.aws_table, boto3.resource("dynamodb", region_name=settings.aws_region)),
-            blobs=open_blobs(settings),
+            blobs=blobs,
             bus=open_bus(settings),
-            cloud=Ec2Cloud(settings.cluster, settings.aws_image_id, user_data="",
+            cloud=Ec2Cloud(settings.cluster, settings.aws_image_id, user_data=user_data,
                            client=boto3.client("ec2", region_name=settings.aws_region),
                            instance_profile=settings.aws_instance_profile or None,
                            security_groups=settings.aws_security_groups),

@@ -21,7 +21,7 @@ def test_local_is_the_default(tmp_path: Path) -> None:
 def test_aws_needs_its_resources_named(tmp_path: Path) -> None:
     with pytest.raises(BackendUnavailable, match="CBAS_AWS_BUCKET"):
         open_blobs(Settings(home=tmp_path, backend="aws"))
-    with pytest.raises(BackendUnavailable, match="CBAS_AWS_TABLE, CBAS_AWS_IMAGE_ID, CBAS_PUBLIC_URL"):
+    with pytest.raises(BackendUnavailable, match="CBAS_AWS_TABLE, CBAS_AWS_IMAGE_ID, CBAS_PUBLIC_URL, CBAS_AWS_WORKER_WHEEL"):
         open_master_backends(Settings(home=tmp_path, backend="aws", aws_bucket="b", aws_topic_arn="arn:t"))
 
 
@@ -29,9 +29,23 @@ def test_aws_backends_from_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPa
     for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
         monkeypatch.setenv(name, "testing")
     with mock_aws():
-        settings = Settings(home=tmp_path, backend="aws", aws_bucket="b", aws_topic_arn="arn:aws:sns:us-east-1:1:t",
-                            aws_table="cbas", aws_image_id="ami-1", public_url="https://master.example")
+        import boto3
+
+        boto3.client("s3", region_name="us-east-1").create_bucket(Bucket="cbas-bucket")
+        wheel = tmp_path / "cbas-0.1.0-py3-none-any.whl"
+        wheel.write_bytes(b"PK wheel")
+        settings = Settings(home=tmp_path, backend="aws", aws_bucket="cbas-bucket",
+                            aws_topic_arn="arn:aws:sns:us-east-1:1:t", aws_table="cbas", aws_image_id="ami-1",
+                            public_url="https://master.example", aws_worker_wheel=wheel, job_user="cbas-job")
         assert isinstance(open_blobs(settings), S3BlobStore)
         assert isinstance(open_bus(settings), SnsMessageBus)
         backends = open_master_backends(settings)
         assert backends.store.table_name == "cbas"  # type: ignore[attr-defined]
+        assert backends.blobs.exists("dist/cbas-0.1.0-py3-none-any.whl")  # published for the workers
+        from cbas.models import LaunchSpec
+
+        script = backends.cloud.user_data(LaunchSpec(ledger_id="l", job_id="j", instance_type="c5.large",  # type: ignore[attr-defined]
+                                                     zone="us-east-1a", market="spot"))
+        assert "dist/cbas-0.1.0-py3-none-any.whl" in script and "Expires" in script
+        assert "CBAS_JOB_USER=cbas-job" in script and "CBAS_AWS_BUCKET=cbas-bucket" in script
+        assert "api-token" not in script and "CBAS_HOME" not in script

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import boto3
 import structlog
@@ -39,8 +39,33 @@ def render_user_data(wheel_url: str, wheel_name: str, environment: dict[str, str
     return text
 
 
+UserData = Callable[[LaunchSpec], str]  # rendered at each launch: its presigned URL is fresh
+
+
+def worker_environment(settings_env: dict[str, str]) -> dict[str, str]:
+    """The settings a worker needs, from the master's: no API token, no local paths."""
+    wanted = ("CBAS_BACKEND", "CBAS_CLUSTER", "CBAS_AWS_REGION", "CBAS_AWS_BUCKET", "CBAS_AWS_TOPIC_ARN",
+              "CBAS_JOB_USER", "CBAS_PING_INTERVAL", "CBAS_NOTICE_POLL_INTERVAL", "CBAS_LOG_UPLOAD_INTERVAL")
+    return {name: settings_env[name] for name in wanted if name in settings_env}
+
+
+def publish_worker_wheel(blobs: Any, wheel: Path) -> str:
+    """Put the worker wheel where launches can presign it; returns its key."""
+    key = f"dist/{wheel.name}"
+    if not blobs.exists(key):
+        blobs.put_file(key, wheel)
+    return key
+
+
+def presigned_user_data(blobs: Any, wheel_key: str, environment: dict[str, str]) -> UserData:
+    def render(spec: LaunchSpec) -> str:
+        return render_user_data(blobs.presigned_get(wheel_key, 900), wheel_key.rsplit("/", 1)[1], environment)
+
+    return render
+
+
 class Ec2Cloud:
-    def __init__(self, cluster: str, image_id: str, user_data: str, client: Any | None = None,
+    def __init__(self, cluster: str, image_id: str, user_data: UserData | str, client: Any | None = None,
                  instance_profile: str | None = None, security_groups: list[str] | None = None,
                  instance_types: list[str] | None = None) -> None:
         self.cluster = cluster
@@ -89,7 +114,8 @@ class Ec2Cloud:
             }.items()]
             params: dict[str, Any] = {
                 "ImageId": self.image_id, "InstanceType": spec.instance_type, "MinCount": 1, "MaxCount": 1,
-                "ClientToken": spec.ledger_id, "UserData": self.user_data,
+                "ClientToken": spec.ledger_id,
+                "UserData": self.user_data(spec) if callable(self.user_data) else self.user_data,
                 "Placement": {"AvailabilityZone": spec.zone},
                 "TagSpecifications": [{"ResourceType": kind, "Tags": tags} for kind in ("instance", "volume")],
                 "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},  # IMDSv2 only
