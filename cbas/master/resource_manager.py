@@ -54,7 +54,8 @@ class ResourceManager:
         return await self.store.put_ledger(
             entry.model_copy(update={
                 "state": LedgerState.RUNNING, "instance_id": machine.instance_id,
-                "launched_at": machine.launched_at, "price": machine.price,
+                # EC2 does not say what a spot machine costs at launch: keep the placement's price
+                "launched_at": machine.launched_at, "price": machine.price or entry.price,
             })
         )
 

@@ -136,7 +136,7 @@ class Worker:
             await asyncio.sleep(self.settings.notice_poll_interval)
 
     # --- lifecycle ----------------------------------------------------------------------------
-    async def run(self) -> None:
+    async def run(self, install_signals: bool = True) -> None:
         app = web.Application(client_max_size=1 << 20)
         app.router.add_post("/messages", self.receive)
         runner = web.AppRunner(app, access_log=None)
@@ -145,9 +145,10 @@ class Worker:
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.add_signal_handler(sig, stop.set)
+        if install_signals:
+            loop = asyncio.get_running_loop()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, stop.set)
         try:
             await self.bus.subscribe(self.address, f"http://127.0.0.1:{port}/messages")
             await self.outbox.deliver(self._message(MessageType.WORKER_STARTED, WorkerStarted(instance_id=self.instance_id)))
