@@ -57,6 +57,25 @@ class SnsMessageBus:
         if arn and arn.startswith("arn:"):
             await asyncio.to_thread(aws_retry(self.client.unsubscribe), SubscriptionArn=arn)
 
+    async def unsubscribe_stale(self, keep: set[str]) -> list[str]:
+        """Unsubscribe worker endpoints whose recipient is not in `keep` (machines that are gone)."""
+        def prune() -> list[str]:
+            removed = []
+            pages = self.client.get_paginator("list_subscriptions_by_topic").paginate(TopicArn=self.topic_arn)
+            for page in pages:
+                for subscription in page["Subscriptions"]:
+                    arn = subscription["SubscriptionArn"]
+                    if not arn.startswith("arn:"):
+                        continue  # still pending confirmation
+                    attributes = self.client.get_subscription_attributes(SubscriptionArn=arn)["Attributes"]
+                    recipients = json.loads(attributes.get("FilterPolicy") or "{}").get("recipient", [])
+                    if recipients and all(r.startswith("worker/") and r not in keep for r in recipients):
+                        self.client.unsubscribe(SubscriptionArn=arn)
+                        removed += recipients
+            return removed
+
+        return await asyncio.to_thread(aws_retry(prune))
+
     def parse_delivery(self, body: bytes) -> Envelope | None:
         """The envelope of a verified notification; None for a confirmation handled here."""
         try:

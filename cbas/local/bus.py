@@ -112,6 +112,13 @@ class LocalMessageBus:
     async def unsubscribe(self, recipient: str) -> None:
         self._conn.execute("DELETE FROM endpoints WHERE recipient = ?", (recipient,))
 
+    async def unsubscribe_stale(self, keep: set[str]) -> list[str]:
+        rows = self._conn.execute("SELECT recipient FROM endpoints WHERE recipient LIKE 'worker/%'").fetchall()
+        stale = [row[0] for row in rows if row[0] not in keep]
+        for recipient in stale:
+            await self.unsubscribe(recipient)
+        return stale
+
     def endpoint(self, recipient: str) -> str | None:
         row = self._conn.execute("SELECT url FROM endpoints WHERE recipient = ?", (recipient,)).fetchone()
         return row[0] if row else None

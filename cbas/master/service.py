@@ -95,6 +95,7 @@ class Master:
         self._tasks = [
             asyncio.create_task(self._loop(self.schedule, self.settings.schedule_interval), name="scheduler"),
             asyncio.create_task(self._loop(self.check_workers, min(self.settings.ping_interval / 2, 5.0)), name="pings"),
+            asyncio.create_task(self._loop(self.prune_endpoints, 60.0), name="endpoints"),
         ]
         self.kick()
 
@@ -149,8 +150,16 @@ class Master:
                     await self.machine_lost(job.id, job.instance_id, "machine gone while the master was down")
             elif job.state == JobState.PREEMPTED:
                 await self.transition(job.id, JobState.QUEUED, event="requeued", detail="after master restart")
+        await self.prune_endpoints()
         log.info("master.recovered", adopted=len(result.adopted), vanished=len(result.vanished),
                  strays=len(result.strays_terminated))
+
+    async def prune_endpoints(self) -> None:
+        """Stale endpoints: subscriptions of workers whose machines no longer exist."""
+        live = {worker_address(e.instance_id) for e in await self.store.list_ledger(live_only=True) if e.instance_id}
+        removed = await self.bus.unsubscribe_stale(live)
+        if removed:
+            log.info("endpoints.pruned", recipients=removed)
 
     # --- state changes --------------------------------------------------------------------
     async def transition(

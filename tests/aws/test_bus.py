@@ -93,3 +93,15 @@ def test_a_confirmation_for_our_topic_is_confirmed_and_others_refused(aws) -> No
     with pytest.raises(InvalidMessage, match="is not ours"):
         bus.parse_delivery(json.dumps(signed(other)).encode())
     assert len(confirmed) == 1 and CERT_URL
+
+
+async def test_stale_worker_endpoints_are_unsubscribed(aws) -> None:  # type: ignore[no-untyped-def]
+    topic = aws.create_topic(Name="cbas")["TopicArn"]
+    bus = SnsMessageBus(topic, SnsVerifier(topic, CertificateCache(lambda url: b"")), aws)
+    for recipient in ("master", "worker/i-alive", "worker/i-gone"):
+        await bus.subscribe(recipient, f"http://127.0.0.1:9/{recipient}")
+    assert await bus.unsubscribe_stale({"worker/i-alive"}) == ["worker/i-gone"]
+    left = aws.list_subscriptions_by_topic(TopicArn=topic)["Subscriptions"]
+    policies = [json.loads(aws.get_subscription_attributes(SubscriptionArn=s["SubscriptionArn"])["Attributes"]["FilterPolicy"])
+                for s in left]
+    assert sorted(p["recipient"][0] for p in policies) == ["master", "worker/i-alive"]  # the master is never pruned
