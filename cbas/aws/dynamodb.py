@@ -11,7 +11,10 @@ Schema (partition key `pk`, sort key `sk`, both strings; index `by-state` on `st
 | seen message | `MSG#<id>` | `SEEN` | - (attribute `expires`, the table's TTL) |
 
 Every record is kept as JSON in `data` with its `version`; every update is a conditional write
-on that version, so of two writers exactly one wins. Calls are blocking boto3 run in threads.
+on that version, so of two writers exactly one wins. The state index is eventually consistent (a
+query may return an item under its old state, or twice): its hits are only candidates, read again
+from the table with consistent reads and filtered on the state they really have. Calls are
+blocking boto3 run in threads.
 """
 
 from __future__ import annotations
@@ -91,6 +94,26 @@ class DynamoJobStore:
             if not start:
                 return items
 
+    def _fresh(self, candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """The current items behind index hits (deduplicated), by consistent batch reads."""
+        keys = list({(item["pk"], item["sk"]): None for item in candidates})
+        items: list[dict[str, Any]] = []
+        for start in range(0, len(keys), 100):
+            request = {self.table_name: {"Keys": [{"pk": pk, "sk": sk} for pk, sk in keys[start:start + 100]],
+                                         "ConsistentRead": True}}
+            while request:
+                response = self.resource.batch_get_item(RequestItems=request)
+                items += response["Responses"].get(self.table_name, [])
+                request = response.get("UnprocessedKeys") or {}
+        return items
+
+    def _by_state(self, prefix: str, states: list[str]) -> list[dict[str, Any]]:
+        candidates: list[dict[str, Any]] = []
+        for state in states:
+            candidates += self._query_index(f"{prefix}{state}")
+        wanted = {f"{prefix}{state}" for state in states}
+        return [item for item in self._fresh(candidates) if item.get("state_pk") in wanted]
+
     def _query_pk(self, pk: str, sk_prefix: str) -> list[dict[str, Any]]:
         items, start = [], None
         while True:
@@ -126,9 +149,7 @@ class DynamoJobStore:
 
     async def list_jobs(self, states: set[JobState] | None = None) -> list[Job]:
         wanted = states if states is not None else set(JobState)
-        items: list[dict[str, Any]] = []
-        for state in sorted(wanted):
-            items += await self._run(self._query_index, f"JOBSTATE#{state.value}")
+        items = await self._run(self._by_state, "JOBSTATE#", sorted(s.value for s in wanted))
         jobs = [Job.model_validate_json(item["data"]) for item in items]
         return sorted(jobs, key=lambda job: (job.submitted_at, job.id))
 
@@ -172,9 +193,7 @@ class DynamoJobStore:
 
     async def list_ledger(self, live_only: bool = True) -> list[LedgerEntry]:
         states = [LedgerState.LAUNCHING, LedgerState.RUNNING] + ([] if live_only else [LedgerState.TERMINATED])
-        items: list[dict[str, Any]] = []
-        for state in states:
-            items += await self._run(self._query_index, f"LEDGERSTATE#{state.value}")
+        items = await self._run(self._by_state, "LEDGERSTATE#", [s.value for s in states])
         return sorted((LedgerEntry.model_validate_json(i["data"]) for i in items), key=lambda e: (e.created_at, e.id))
 
     # --- checkpoints and events -----------------------------------------------------------------------------

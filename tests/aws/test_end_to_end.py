@@ -104,7 +104,12 @@ async def test_a_job_runs_on_the_aws_backends(monkeypatch: pytest.MonkeyPatch) -
             assert b"done" in blobs.get_bytes(f"jobs/{job.id}/logs/stdout")
             state = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]["State"]["Name"]
             assert state == "terminated"  # the master let the machine go
-            assert [e.state.value for e in await store.list_ledger(live_only=False)] == ["TERMINATED"]
+            for _ in range(50):  # the master closes the ledger entry just after terminating the machine
+                ledger = await store.list_ledger(live_only=False)
+                if [e.state.value for e in ledger] == ["TERMINATED"]:
+                    break
+                await asyncio.sleep(0.1)
+            assert [e.state.value for e in ledger] == ["TERMINATED"], [e.model_dump() for e in ledger]
             kinds = [e.kind for e in await store.list_events(job.id)]
             assert kinds[:3] == ["queued", "provisioning", "starting"] and kinds[-1] == "completed"
             assert (await store.list_ledger(live_only=False))[0].price > 0  # the spot price it was placed at

@@ -104,3 +104,21 @@ async def test_message_ids_within_a_window(store) -> None:  # type: ignore[no-un
     assert await store.first_sighting("m2", 0.001)
     await asyncio.sleep(0.01)
     assert await store.first_sighting("m2", 0.001)
+
+
+async def test_a_stale_state_index_never_shows_an_old_state(store) -> None:  # type: ignore[no-untyped-def]
+    entry = await store.put_ledger(LedgerEntry(id="l-9", job_id="a"))
+    entry = await store.put_ledger(entry.model_copy(update={"state": LedgerState.RUNNING}))
+    await store.put_ledger(entry.model_copy(update={"state": LedgerState.TERMINATED}))
+    if isinstance(store, DynamoJobStore):  # make the index lag, as DynamoDB's may
+        original = store._query_index
+
+        def lagging(state_pk: str) -> list[dict]:  # type: ignore[type-arg]
+            hits = original(state_pk)
+            if state_pk == "LEDGERSTATE#RUNNING":
+                hits += original("LEDGERSTATE#TERMINATED")  # the old entry is still indexed as RUNNING
+            return hits
+
+        store._query_index = lagging  # type: ignore[method-assign]
+    assert await store.list_ledger() == []
+    assert [e.state for e in await store.list_ledger(live_only=False)] == [LedgerState.TERMINATED]
