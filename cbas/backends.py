@@ -46,6 +46,21 @@ class InvalidMessage(ValueError):
     """A delivery that is malformed, unsigned, badly signed or stale."""
 
 
+async def mutate_with_retries(store: JobStore, job_id: str, change: JobMutation, attempts: int = 20) -> Job | None:
+    """JobStore.mutate_job, the same for every store: read, change, write conditionally, again
+    on StaleWrite, until it lands or the change declines (returns None)."""
+    for _ in range(attempts):
+        job = await store.get_job(job_id)
+        changed = change(job)
+        if changed is None:
+            return None
+        try:
+            return await store.update_job(changed)
+        except StaleWrite:
+            continue
+    raise StaleWrite(f"job {job_id}: too many concurrent writers")
+
+
 class BlobStore(Protocol):
     """Keys are '/'-separated paths such as jobs/<id>/input.tar.zst. Synchronous: run in threads."""
 

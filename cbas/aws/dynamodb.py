@@ -30,7 +30,7 @@ from boto3.dynamodb.conditions import Key
 from botocore.exceptions import ClientError
 
 from cbas.aws.retry import aws_retry
-from cbas.backends import JobMutation, NotFound, StaleWrite
+from cbas.backends import JobMutation, NotFound, StaleWrite, mutate_with_retries
 from cbas.models import CheckpointRecord, Job, JobEvent, LedgerEntry, LedgerState, utcnow
 from cbas.state import JobState
 
@@ -82,17 +82,17 @@ class DynamoJobStore:
             kwargs["ExpressionAttributeNames"] = names
         self.table.put_item(**kwargs)
 
-    def _query_index(self, state_pk: str) -> list[dict[str, Any]]:
+    def _query_all(self, **kwargs: Any) -> list[dict[str, Any]]:
         items, start = [], None
         while True:
-            kwargs: dict[str, Any] = {"IndexName": STATE_INDEX, "KeyConditionExpression": Key("state_pk").eq(state_pk)}
-            if start:
-                kwargs["ExclusiveStartKey"] = start
-            page = self.table.query(**kwargs)
+            page = self.table.query(**kwargs, **({"ExclusiveStartKey": start} if start else {}))
             items += page["Items"]
             start = page.get("LastEvaluatedKey")
             if not start:
                 return items
+
+    def _query_index(self, state_pk: str) -> list[dict[str, Any]]:
+        return self._query_all(IndexName=STATE_INDEX, KeyConditionExpression=Key("state_pk").eq(state_pk))
 
     def _fresh(self, candidates: list[dict[str, Any]]) -> list[dict[str, Any]]:
         """The current items behind index hits (deduplicated), by consistent batch reads."""
@@ -115,16 +115,7 @@ class DynamoJobStore:
         return [item for item in self._fresh(candidates) if item.get("state_pk") in wanted]
 
     def _query_pk(self, pk: str, sk_prefix: str) -> list[dict[str, Any]]:
-        items, start = [], None
-        while True:
-            kwargs: dict[str, Any] = {"KeyConditionExpression": Key("pk").eq(pk) & Key("sk").begins_with(sk_prefix)}
-            if start:
-                kwargs["ExclusiveStartKey"] = start
-            page = self.table.query(**kwargs)
-            items += page["Items"]
-            start = page.get("LastEvaluatedKey")
-            if not start:
-                return items
+        return self._query_all(KeyConditionExpression=Key("pk").eq(pk) & Key("sk").begins_with(sk_prefix))
 
     # --- jobs -----------------------------------------------------------------------------------------
     @staticmethod
@@ -164,16 +155,7 @@ class DynamoJobStore:
         return new
 
     async def mutate_job(self, job_id: str, change: JobMutation) -> Job | None:
-        for _ in range(20):
-            job = await self.get_job(job_id)
-            changed = change(job)
-            if changed is None:
-                return None
-            try:
-                return await self.update_job(changed)
-            except StaleWrite:
-                continue
-        raise StaleWrite(f"job {job_id}: too many concurrent writers")
+        return await mutate_with_retries(self, job_id, change)
 
     # --- the ledger -------------------------------------------------------------------------------------
     async def put_ledger(self, entry: LedgerEntry) -> LedgerEntry:

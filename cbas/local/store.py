@@ -9,7 +9,7 @@ from pathlib import Path
 
 import structlog
 
-from cbas.backends import JobMutation, NotFound, StaleWrite
+from cbas.backends import JobMutation, NotFound, StaleWrite, mutate_with_retries
 from cbas.models import CheckpointRecord, Job, JobEvent, LedgerEntry, LedgerState, utcnow
 from cbas.state import JobState
 
@@ -81,16 +81,7 @@ class SqliteJobStore:
         return new
 
     async def mutate_job(self, job_id: str, change: JobMutation) -> Job | None:
-        for _ in range(20):
-            job = await self.get_job(job_id)
-            changed = change(job)
-            if changed is None:
-                return None
-            try:
-                return await self.update_job(changed)
-            except StaleWrite:
-                continue
-        raise StaleWrite(f"job {job_id}: too many concurrent writers")
+        return await mutate_with_retries(self, job_id, change)
 
     async def put_ledger(self, entry: LedgerEntry) -> LedgerEntry:
         new = entry.model_copy(update={"version": entry.version + 1})
