@@ -25,9 +25,7 @@ def test_aws_needs_its_resources_named(tmp_path: Path) -> None:
         open_master_backends(Settings(home=tmp_path, backend="aws", aws_bucket="b", aws_topic_arn="arn:t"))
 
 
-def test_aws_backends_from_settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(name, "testing")
+def test_aws_backends_from_settings(tmp_path: Path) -> None:
     with mock_aws():
         import boto3
 

@@ -5,7 +5,7 @@
     dmtcp_restart --new-coordinator --coord-port 0 --port-file F --ckptdir D --tmpdir T ckpt_*.dmtcp
 
 The images live in <workdir>/.dmtcp, so a checkpoint saves them together with the files the
-program works on. With the CBAS hook plugin (cbas/checkpoint/dmtcp_hook.c, compiled here when
+program works on. With the CBAS hook plugin (cbas/checkpoint/cbas_dmtcp_hook.c, compiled here when
 DMTCP's headers and a C compiler exist) the program stays suspended after its images are written
 until the worker has read the state, so files and images agree. Without it the worker reads the
 state after the program resumed, and warns that files written since may differ from the images.
@@ -61,7 +61,7 @@ def build_hook(cache: Path, tools: Path) -> Path | None:
     if not header.exists() or compiler is None:
         log.warning("dmtcp.hook_unavailable", reason="no dmtcp.h" if not header.exists() else "no C compiler")
         return None
-    source = resources.files("cbas.checkpoint").joinpath("dmtcp_hook.c").read_bytes()
+    source = resources.files("cbas.checkpoint").joinpath("cbas_dmtcp_hook.c").read_bytes()
     version = include / "version.h"
     digest = hashlib.sha256(source + header.read_bytes() + (version.read_bytes() if version.exists() else b"")).hexdigest()
     library = cache / f"cbas_dmtcp_hook-{digest[:16]}.so"

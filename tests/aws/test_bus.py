@@ -37,9 +37,7 @@ def capture_server() -> tuple[HTTPServer, list[bytes]]:
 
 
 @pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch):
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(name, "testing")
+def aws():
     with mock_aws():
         yield boto3.client("sns", region_name="us-east-1")
 

@@ -13,9 +13,7 @@ from cbas.models import LaunchSpec
 
 
 @pytest.fixture
-def ec2(monkeypatch: pytest.MonkeyPatch):
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(name, "testing")
+def ec2():
     with mock_aws():
         client = boto3.client("ec2", region_name="us-east-1")
         image = client.describe_images(Owners=["amazon"])["Images"][0]["ImageId"]

@@ -19,9 +19,7 @@ from cbas.aws.s3 import S3BlobStore
 
 
 @pytest.fixture
-def aws(monkeypatch: pytest.MonkeyPatch):
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(name, "testing")
+def aws():
     with mock_aws():
         ec2 = boto3.client("ec2", region_name="us-east-1")
         sqs = boto3.client("sqs", region_name="us-east-1")

@@ -16,12 +16,10 @@ from cbas.local.blobs import FolderBlobStore
 
 
 @pytest.fixture(params=["folder", "s3"])
-def blobs(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+def blobs(request: pytest.FixtureRequest, tmp_path: Path):
     if request.param == "folder":
         yield FolderBlobStore(tmp_path / "blobs")
         return
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(name, "testing")
     with mock_aws():
         client = boto3.client("s3", region_name="us-east-1")
         client.create_bucket(Bucket="cbas-test")

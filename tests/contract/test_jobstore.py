@@ -24,8 +24,6 @@ async def store(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pyt
         await store.close()
         return
     monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
-        monkeypatch.setenv(name, "testing")
     with mock_aws():
         yield DynamoJobStore("cbas-test", boto3.resource("dynamodb", region_name="us-east-1"))
 

@@ -1,4 +1,4 @@
-"""The few declarations of DMTCP's header that cbas/checkpoint/dmtcp_hook.c uses, written by the
+"""The few declarations of DMTCP's header that cbas/checkpoint/cbas_dmtcp_hook.c uses, written by the
 fake DMTCP fixture next to its tools so the hook's build path runs in CI; DMTCP itself brings
 the real header."""
 
