@@ -101,14 +101,14 @@ def strategy(name: str) -> Callable[[Callable[[], Checkpointer]], Callable[[], C
 
 def checkpointer_for(name: str, signal_timeout: float = 60.0) -> Checkpointer:
     # the strategies register themselves on import
-    from cbas.checkpoint import directory, dmtcp, signalled
+    from cbas.checkpoint import directory, dmtcp  # noqa: F401
+    from cbas.checkpoint.signalled import SignalCheckpointer
 
     if name not in STRATEGIES:
         raise CheckpointFailed(
             f"checkpoint strategy {name!r} is not available on this backend (available: {', '.join(sorted(STRATEGIES))})"
         )
     checkpointer = STRATEGIES[name]()
-    if isinstance(checkpointer, signalled.SignalCheckpointer):
+    if isinstance(checkpointer, SignalCheckpointer):
         checkpointer.timeout = signal_timeout
-    del directory, dmtcp
     return checkpointer

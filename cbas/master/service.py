@@ -7,6 +7,7 @@ machine and the attempt number, so a duplicated, late or reordered message chang
 from __future__ import annotations
 
 import asyncio
+import functools
 import secrets
 import time
 from dataclasses import dataclass
@@ -15,7 +16,9 @@ from typing import Any, Callable
 import structlog
 
 from cbas import jdl
-from cbas.backends import BlobStore, CapacityError, Cloud, DeliveryError, JobStore, MessageBus, MessageRejected, NotFound
+from cbas.backends import (
+    BlobStore, CapacityError, Cloud, DeliveryError, JobStore, MessageBus, MessageRejected, NotFound, StaleWrite,
+)
 from cbas.master.resource_manager import ResourceManager
 from cbas.master.scheduler_adapter import SchedulerAdapter
 from cbas.master.timers import Deadlines
@@ -38,6 +41,12 @@ class Backends:
     blobs: BlobStore
     bus: MessageBus
     cloud: Cloud
+
+
+@functools.lru_cache(maxsize=4096)
+def describe(text: str) -> jdl.JobDescription:
+    """A job's JDL, parsed once: every scheduling pass needs it, and it never changes."""
+    return jdl.parse(text)
 
 
 def allowed_types(requested: list[str], default: str, offered: list[str]) -> list[str]:
@@ -207,7 +216,7 @@ class Master:
         for _ in range(5):
             try:
                 return await self.store.create_job(Job(id=new_job_id(), name=name))
-            except Exception:  # id clash: draw again
+            except StaleWrite:  # id clash: draw again
                 continue
         raise RuntimeError("could not allocate a job id")
 
@@ -257,7 +266,7 @@ class Master:
             return
         offered = sorted({offer.instance_type for offer in offers})
         live = {entry.job_id: entry for entry in await self.store.list_ledger(live_only=True)}
-        described = [(job, jdl.parse(job.jdl)) for job in jobs]
+        described = [(job, describe(job.jdl)) for job in jobs]
         described.sort(key=lambda pair: self.adapter.slack_hours(*pair))
         for job, description in described:
             types = allowed_types(list(description.instance_types), self.settings.default_instance_type, offered)
@@ -397,7 +406,7 @@ class Master:
     def stall_timeout(self, job: Job) -> float:
         if self.settings.restart_stall_timeout is not None:
             return self.settings.restart_stall_timeout
-        return 3 * jdl.parse(job.jdl).checkpoint_interval + 60.0
+        return 3 * describe(job.jdl).checkpoint_interval + 60.0
 
     async def checkpoint_done(self, record: CheckpointRecord, final: bool, instance_id: str) -> None:
         job = await self.store.get_job(record.job_id)

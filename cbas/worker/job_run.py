@@ -128,8 +128,7 @@ class JobRun:
             self.log.exception("job.worker_error")
             await self._fail(None, f"worker error: {type(exc).__name__}: {exc}")
         finally:
-            if self.phase != "done":
-                self.phase = "done"
+            self.phase = "done"
 
     async def _fail(self, code: int | None, reason: str) -> None:
         if self.stopping:
