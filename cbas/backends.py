@@ -113,7 +113,26 @@ class Cloud(Protocol):
     async def terminate(self, instance_id: str) -> None: ...
     async def list_machines(self) -> list[Machine]: ...
     async def offers(self) -> list[Offer]: ...
+    async def delete_snapshot(self, snapshot_id: str) -> None: ...
     async def close(self) -> None: ...
+
+
+class ImageBuilder(Protocol):
+    """Builds a job's prologue into a machine image once; the same files give the same image."""
+
+    async def image_for(self, job_id: str, prologue: list[tuple[str, bytes]]) -> str: ...
+
+
+class VolumeSnapshots(Protocol):
+    """The worker's side of the `volume` strategy: snapshot the job's data disk."""
+
+    def snapshot(self, job_id: str, checkpoint_id: str) -> str:
+        """Take a point-in-time snapshot (the job may go on once this returns); its id."""
+        ...
+
+    def wait(self, snapshot_id: str) -> None:
+        """Block until the snapshot is complete and can make a volume; raise if it failed."""
+        ...
 
 
 class MessageBus(Protocol):

@@ -255,6 +255,7 @@ def master(ctx: click.Context, port: int | None, trace: Path | None) -> None:
     Example: cbas master --trace spot-trace.csv.gz
     """
     from cbas.master.daemon import MasterAlreadyRunning, serve
+    from cbas.wiring import BackendUnavailable
 
     settings = settings_of(ctx)
     updates: dict[str, Any] = {}
@@ -268,6 +269,8 @@ def master(ctx: click.Context, port: int | None, trace: Path | None) -> None:
         asyncio.run(serve(settings, on_ready=lambda url: err_console.print(f"master listening on {url}")))
     except MasterAlreadyRunning as exc:
         fail(str(exc), 3)
+    except BackendUnavailable as exc:
+        fail(str(exc), 2)
 
 
 @cli.command(hidden=True)
@@ -277,7 +280,7 @@ def master(ctx: click.Context, port: int | None, trace: Path | None) -> None:
 @click.pass_context
 def worker(ctx: click.Context, instance_id: str, disk: Path, metadata_url: str) -> None:
     """Run the worker daemon of one machine (started by the machine's boot script)."""
-    from cbas.wiring import open_blobs, open_bus
+    from cbas.wiring import open_blobs, open_bus, open_volumes
     from cbas.worker.daemon import Worker
     from cbas.worker.imds import MetadataClient
 
@@ -285,7 +288,8 @@ def worker(ctx: click.Context, instance_id: str, disk: Path, metadata_url: str) 
     logs.configure(json=True, level=settings.log_level)
 
     async def run() -> None:
-        daemon = Worker(settings, instance_id, disk, MetadataClient(metadata_url), open_blobs(settings), open_bus(settings))
+        daemon = Worker(settings, instance_id, disk, MetadataClient(metadata_url), open_blobs(settings),
+                        open_bus(settings), open_volumes(settings, instance_id, disk))
         await daemon.run()
 
     asyncio.run(run())

@@ -69,6 +69,7 @@ class StartJob(_Body):
     jdl: str
     checkpoints: list[str] = Field(default_factory=list)  # good ones to restore, newest first
     ping_interval: float
+    prologue_in_image: bool = False  # the machine's image has the prologue built in: skip it
 
 
 class Ping(_Body):
@@ -92,6 +93,7 @@ class CheckpointDone(_Body):
     reason: str  # interval | notice
     final: bool = False  # taken on a spot notice; the job is stopped after it
     deadline_margin_seconds: float | None = None  # notice checkpoints: time left when it counted
+    snapshot_id: str | None = None  # volume strategy: the snapshot that holds the state
 
 
 class SpotNotice(_Body):

@@ -48,6 +48,7 @@ class Job(BaseModel):
     error: str | None = None
     stderr_tail: str | None = None
     missing_outputs: list[str] = Field(default_factory=list)
+    image_id: str | None = None  # BuildImage: the image its prologue was built into
 
 
 class LedgerState(StrEnum):
@@ -86,6 +87,7 @@ class CheckpointRecord(BaseModel):
     upload_seconds: float
     reason: str  # interval | notice | final
     deadline_margin_seconds: float | None = None
+    snapshot_id: str | None = None  # volume strategy: the EBS snapshot that holds the state
     created_at: datetime = Field(default_factory=utcnow)
     bad: bool = False  # failed verification on restore; never used again
 
@@ -120,7 +122,15 @@ class Offer(BaseModel):
     available: bool
 
 
-class LaunchSpec(BaseModel):
+class DiskSpec(BaseModel):
+    """What a job's machine boots from and keeps its data on, beyond the cluster's defaults."""
+
+    image_id: str | None = None  # the job's own image (its prologue built in); None: the cluster's
+    data_volume_gib: int | None = None  # volume strategy: a data disk of this size for the job
+    data_snapshot: str | None = None  # ... made from this snapshot (a restart)
+
+
+class LaunchSpec(DiskSpec):
     ledger_id: str
     job_id: str
     instance_type: str

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
 
     # worker
     notice_poll_interval: float = 5.0  # seconds between spot/instance-action polls
+    # the worker's message endpoint: where it listens, and the host it tells the bus to deliver to
+    # ("metadata": the machine's public address from instance metadata, as on EC2)
+    worker_listen_host: str = "127.0.0.1"
+    worker_port: int = 0  # 0: any free port
+    worker_advertise_host: str = ""  # "": the listen host
     log_upload_interval: float = 5.0
     job_user: str = "nobody"  # jobs run as this user when the worker runs as root
     signal_checkpoint_timeout: float = 60.0
@@ -63,7 +68,11 @@ class Settings(BaseSettings):
     aws_image_id: str = ""
     aws_instance_profile: str = ""
     aws_security_groups: list[str] = Field(default_factory=list)
-    public_url: str = ""  # where SNS reaches this master's /messages (https on AWS)
+    # fetch SNS signing certificates through this endpoint instead of the certificate URL's host
+    # (a VPC endpoint, an AWS emulator); the URL itself is checked as always
+    aws_sns_certificate_endpoint: str = ""
+    # where SNS reaches this master's /messages (https on AWS); "{port}" stands for the port it bound
+    public_url: str = ""
     aws_worker_wheel: Path | None = None  # the cbas wheel workers install (uploaded to the bucket)
 
     log_level: str = "INFO"

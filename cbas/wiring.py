@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from cbas.settings import Settings
 
 if TYPE_CHECKING:  # the implementations are imported when asked for, not at start-up
-    from cbas.backends import BlobStore, MessageBus
+    from cbas.backends import BlobStore, MessageBus, VolumeSnapshots
     from cbas.master.service import Backends
 
 
@@ -52,14 +52,29 @@ def open_bus(settings: Settings) -> MessageBus:
         import boto3
 
         from cbas.aws.bus import SnsMessageBus
-        from cbas.aws.sns import CertificateCache, SnsVerifier
+        from cbas.aws.sns import CertificateCache, SnsVerifier, fetch_through
 
         _require_aws(settings, "aws_topic_arn")
-        return SnsMessageBus(settings.aws_topic_arn, SnsVerifier(settings.aws_topic_arn, CertificateCache()),
+        endpoint = settings.aws_sns_certificate_endpoint
+        certificates = CertificateCache(fetch_through(endpoint)) if endpoint else CertificateCache()
+        return SnsMessageBus(settings.aws_topic_arn, SnsVerifier(settings.aws_topic_arn, certificates),
                              boto3.client("sns", region_name=settings.aws_region))
     from cbas.local.bus import LocalMessageBus
 
     return LocalMessageBus(settings.home, db_path(settings))
+
+
+def open_volumes(settings: Settings, instance_id: str, disk: Path) -> VolumeSnapshots:
+    """The worker's snapshots of its job's data disk (the `volume` strategy)."""
+    if settings.backend == "aws":
+        import boto3
+
+        from cbas.aws.volumes import EbsSnapshots
+
+        return EbsSnapshots(boto3.client("ec2", region_name=settings.aws_region), instance_id, settings.cluster)
+    from cbas.local.volumes import FolderSnapshots
+
+    return FolderSnapshots(settings.home, disk / "job")
 
 
 def open_master_backends(settings: Settings) -> Backends:
@@ -70,6 +85,7 @@ def open_master_backends(settings: Settings) -> Backends:
 
         from cbas.aws.dynamodb import DynamoJobStore
         from cbas.aws.ec2 import Ec2Cloud, presigned_user_data, publish_worker_wheel, worker_environment
+        from cbas.aws.images import ImageBuilder
         from cbas.local.cloud import settings_env
 
         _require_aws(settings, "aws_table", "aws_image_id", "public_url", "aws_worker_wheel")
@@ -77,14 +93,16 @@ def open_master_backends(settings: Settings) -> Backends:
         blobs = open_blobs(settings)
         wheel_key = publish_worker_wheel(blobs, settings.aws_worker_wheel)
         user_data = presigned_user_data(blobs, wheel_key, worker_environment(settings_env(settings)))
+        ec2 = boto3.client("ec2", region_name=settings.aws_region)
         return Backends(
             store=DynamoJobStore(settings.aws_table, boto3.resource("dynamodb", region_name=settings.aws_region)),
             blobs=blobs,
             bus=open_bus(settings),
-            cloud=Ec2Cloud(settings.cluster, settings.aws_image_id, user_data=user_data,
-                           client=boto3.client("ec2", region_name=settings.aws_region),
+            cloud=Ec2Cloud(settings.cluster, settings.aws_image_id, user_data=user_data, client=ec2,
                            instance_profile=settings.aws_instance_profile or None,
                            security_groups=settings.aws_security_groups),
+            images=ImageBuilder(ec2, boto3.client("sqs", region_name=settings.aws_region), blobs, settings.cluster,
+                                settings.aws_image_id),
         )
     from cbas.local.cloud import LocalCloud
     from cbas.local.store import SqliteJobStore

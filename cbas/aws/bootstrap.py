@@ -15,8 +15,8 @@ import boto3
 from botocore.exceptions import ClientError
 
 from cbas.aws.dynamodb import DynamoJobStore
+from cbas.aws.ec2 import WORKER_PORT
 
-WORKER_PORT = 8080
 
 
 @dataclass
@@ -40,7 +40,7 @@ def names(cluster: str, account: str, region: str) -> dict[str, str]:
     }
 
 
-def worker_policy(bucket: str, topic_arn: str) -> dict[str, Any]:
+def worker_policy(bucket: str, topic_arn: str, cluster: str) -> dict[str, Any]:
     return {
         "Version": "2012-10-17",
         "Statement": [
@@ -50,6 +50,12 @@ def worker_policy(bucket: str, topic_arn: str) -> dict[str, Any]:
              "Condition": {"StringLike": {"s3:prefix": "jobs/*"}}},
             {"Effect": "Allow", "Action": ["sns:Publish", "sns:Subscribe", "sns:Unsubscribe", "sns:ConfirmSubscription"],
              "Resource": topic_arn},
+            # the volume strategy: snapshot the cluster's own volumes, tagged for the cluster
+            {"Effect": "Allow", "Action": "ec2:CreateSnapshot", "Resource": "arn:aws:ec2:*:*:volume/*",
+             "Condition": {"StringEquals": {"aws:ResourceTag/cbas:cluster": cluster}}},
+            {"Effect": "Allow", "Action": ["ec2:CreateSnapshot", "ec2:CreateTags"], "Resource": "arn:aws:ec2:*::snapshot/*",
+             "Condition": {"StringEquals": {"aws:RequestTag/cbas:cluster": cluster}}},
+            {"Effect": "Allow", "Action": ["ec2:DescribeInstances", "ec2:DescribeSnapshots"], "Resource": "*"},
         ],
     }
 
@@ -112,7 +118,7 @@ class Bootstrap:
             iam.add_role_to_instance_profile(InstanceProfileName=n["role"], RoleName=n["role"])
             report.created.append(f"role and instance profile {n['role']}")
         iam.put_role_policy(RoleName=n["role"], PolicyName="cbas-worker",
-                            PolicyDocument=json.dumps(worker_policy(n["bucket"], topic_arn)))
+                            PolicyDocument=json.dumps(worker_policy(n["bucket"], topic_arn, self.cluster)))
 
         ec2 = self.session.client("ec2")
         groups = ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": [n["security_group"]]}])

@@ -23,6 +23,8 @@ CAPACITY_CODES = frozenset({"InsufficientInstanceCapacity", "SpotMaxPriceTooLow"
 # us-east-1 Linux on-demand USD/hour of the types CBAS offers by default
 ONDEMAND_PRICES = {"m5.large": 0.096, "c5.large": 0.085, "c5.xlarge": 0.17, "r5.large": 0.126, "p3.2xlarge": 3.06}
 LIVE_STATES = ["pending", "running", "stopping", "stopped"]
+WORKER_PORT = 8080  # the workers' message endpoint; bootstrap's security group opens it
+DATA_DEVICE = "/dev/sdf"  # the job's data disk (volume strategy); user-data mounts it as the worker's disk
 
 
 def render_user_data(wheel_url: str, wheel_name: str, environment: dict[str, str], template: Path = USER_DATA_TEMPLATE) -> str:
@@ -46,7 +48,11 @@ def worker_environment(settings_env: dict[str, str]) -> dict[str, str]:
     """The settings a worker needs, from the master's: no API token, no local paths."""
     wanted = ("CBAS_BACKEND", "CBAS_CLUSTER", "CBAS_AWS_REGION", "CBAS_AWS_BUCKET", "CBAS_AWS_TOPIC_ARN",
               "CBAS_JOB_USER", "CBAS_PING_INTERVAL", "CBAS_NOTICE_POLL_INTERVAL", "CBAS_LOG_UPLOAD_INTERVAL")
-    return {name: settings_env[name] for name in wanted if name in settings_env}
+    return {name: settings_env[name] for name in wanted if name in settings_env} | {
+        # SNS delivers to the machine's public address, on the port the security group opens
+        "CBAS_WORKER_LISTEN_HOST": "0.0.0.0", "CBAS_WORKER_PORT": str(WORKER_PORT),
+        "CBAS_WORKER_ADVERTISE_HOST": "metadata",
+    }
 
 
 def publish_worker_wheel(blobs: Any, wheel: Path) -> str:
@@ -113,13 +119,17 @@ class Ec2Cloud:
                 "cbas:price": str(price),
             }.items()]
             params: dict[str, Any] = {
-                "ImageId": self.image_id, "InstanceType": spec.instance_type, "MinCount": 1, "MaxCount": 1,
+                "ImageId": spec.image_id or self.image_id, "InstanceType": spec.instance_type, "MinCount": 1, "MaxCount": 1,
                 "ClientToken": spec.ledger_id,
                 "UserData": self.user_data(spec) if callable(self.user_data) else self.user_data,
                 "Placement": {"AvailabilityZone": spec.zone},
                 "TagSpecifications": [{"ResourceType": kind, "Tags": tags} for kind in ("instance", "volume")],
                 "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},  # IMDSv2 only
             }
+            if spec.data_volume_gib:  # the `volume` strategy's disk: new, or made from the last snapshot
+                ebs: dict[str, Any] = {"VolumeType": "gp3", "DeleteOnTermination": True, "Encrypted": True}
+                ebs.update({"SnapshotId": spec.data_snapshot} if spec.data_snapshot else {"VolumeSize": spec.data_volume_gib})
+                params["BlockDeviceMappings"] = [{"DeviceName": DATA_DEVICE, "Ebs": ebs}]
             if self.instance_profile:
                 params["IamInstanceProfile"] = {"Name": self.instance_profile}
             if self.security_groups:
@@ -150,6 +160,16 @@ class Ec2Cloud:
                     raise
 
         await asyncio.to_thread(end)
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        def delete() -> None:
+            try:
+                aws_retry(self.client.delete_snapshot)(SnapshotId=snapshot_id)
+            except ClientError as exc:
+                if exc.response.get("Error", {}).get("Code") != "InvalidSnapshot.NotFound":
+                    raise
+
+        await asyncio.to_thread(delete)
 
     async def list_machines(self) -> list[Machine]:
         instances = await asyncio.to_thread(aws_retry(self._find), [

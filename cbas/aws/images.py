@@ -9,6 +9,7 @@ the hash of the prologue files, so the same prologue is never built twice.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import shlex
@@ -70,14 +71,20 @@ class ImageBuilder:
             {"Name": "tag:cbas:prologue-hash", "Values": [digest]}, {"Name": "state", "Values": ["available"]}])["Images"]
         return images[0]["ImageId"] if images else None
 
-    def build(self, prologue_keys: list[str]) -> str:
-        """The image for these prologue files: found by hash, or built now (blocking: run in a thread)."""
-        files = [(key.rsplit("/", 1)[1], self.blobs.get_bytes(key)) for key in prologue_keys]
+    async def image_for(self, job_id: str, prologue: list[tuple[str, bytes]]) -> str:
+        return await asyncio.to_thread(self.build, prologue)
+
+    def build(self, files: list[tuple[str, bytes]]) -> str:
+        """The image for these prologue files (name, content), in order: found by hash, or built now
+        (blocking: run in a thread)."""
         digest = prologue_hash(files)
         cached = self.find(digest)
         if cached:
             log.info("image.cached", image_id=cached, prologue_hash=digest[:12])
             return cached
+        prologue_keys = [f"images/{digest}/{index:02d}-{name}" for index, (name, _) in enumerate(files)]
+        for key, (_, content) in zip(prologue_keys, files):
+            self.blobs.put_bytes(key, content)
         queue_url = aws_retry(self.sqs.create_queue)(QueueName=f"cbas-{self.cluster}-image-{digest[:16]}")["QueueUrl"]
         instance_id = None
         try:
@@ -101,6 +108,8 @@ class ImageBuilder:
             if instance_id:
                 aws_retry(self.ec2.terminate_instances)(InstanceIds=[instance_id])
             aws_retry(self.sqs.delete_queue)(QueueUrl=queue_url)
+            for key in prologue_keys:
+                self.blobs.delete(key)
 
     def _let_builder_send(self, queue_url: str, instance_id: str) -> None:
         address = None
@@ -118,8 +127,11 @@ class ImageBuilder:
     def _wait_for_builder(self, queue_url: str) -> None:
         deadline = self.clock() + self.timeout
         while self.clock() < deadline:
-            messages = self.sqs.receive_message(QueueUrl=queue_url, WaitTimeSeconds=int(min(self.poll, 20)),
+            wait = int(min(self.poll, 20))  # long polling; whole seconds only
+            messages = self.sqs.receive_message(QueueUrl=queue_url, WaitTimeSeconds=wait,
                                                 MaxNumberOfMessages=1).get("Messages", [])
+            if not messages and wait == 0:
+                time.sleep(self.poll)
             for message in messages:
                 if message["Body"] == "ok":
                     return

@@ -1,4 +1,5 @@
 """`directory`: the job keeps its state in its working directory; the worker saves that folder.
+`volume` holds the job still the same way while its disk is snapshotted.
 
 The job's process group is stopped (SIGSTOP) while the folder is read, so the files are
 consistent with each other, then continued (SIGCONT).
@@ -34,3 +35,13 @@ class DirectoryCheckpointer:
 
 
 strategy("directory")(DirectoryCheckpointer)
+
+
+class VolumeCheckpointer(DirectoryCheckpointer):
+    """`volume`: the job's whole data disk is snapshotted while the job is held still (the
+    worker takes the snapshot); a restart gets a disk made from it, state and logs in place."""
+
+    name = "volume"
+
+
+strategy("volume")(VolumeCheckpointer)

@@ -56,6 +56,11 @@ class JobDescription(BaseModel):
     environment: dict[str, str] = Field(default_factory=dict)
     # test-restore every checkpoint into a scratch folder before it counts
     validate_checkpoint: bool = False
+    # AWS: build the prologue into a machine image once (cached by the prologue's hash) instead of
+    # running it on every machine the job starts on
+    build_image: bool = False
+    # the `volume` strategy's data disk, GiB
+    volume_size: int = Field(default=50, ge=1, le=16384)
 
     @field_validator("deadline")
     @classmethod

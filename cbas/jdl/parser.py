@@ -36,6 +36,8 @@ KEYS: dict[str, tuple[str, str]] = {
     "InstanceTypes": ("instance_types", "list"),
     "Environment": ("environment", "environment"),
     "ValidateCheckpoint": ("validate_checkpoint", "boolean"),
+    "BuildImage": ("build_image", "boolean"),
+    "VolumeSize": ("volume_size", "integer"),
 }
 _BY_LOWER = {key.lower(): key for key in KEYS}
 _FIELD_TO_KEY = {field: key for key, (field, _) in KEYS.items()}

@@ -26,6 +26,7 @@ from pydantic import BaseModel
 
 from cbas.backends import CapacityError, NotFound
 from cbas.local.market import BuiltinMarket, MarketModel, TraceMarket
+from cbas.local.volumes import delete_snapshot, restore_volume
 from cbas.models import LaunchSpec, Machine, Offer
 from cbas.scheduler.traces import load_trace
 from cbas.settings import Settings
@@ -167,6 +168,8 @@ class LocalCloud:
         (meta / "instance-type").write_text(spec.instance_type)
         (meta / "instance-life-cycle").write_text(spec.market)
         (meta / "placement" / "availability-zone").write_text(spec.zone)
+        if spec.data_snapshot:  # the volume strategy's disk, made from the job's last snapshot
+            await asyncio.to_thread(restore_volume, self.settings.home, spec.data_snapshot, disk / "job")
         machine = Machine(
             instance_id=instance_id,
             zone=spec.zone,
@@ -221,6 +224,9 @@ class LocalCloud:
             except subprocess.TimeoutExpired:
                 pass
         shutil.rmtree(disk, ignore_errors=True)  # a terminated machine's disk is gone
+
+    async def delete_snapshot(self, snapshot_id: str) -> None:
+        await asyncio.to_thread(delete_snapshot, self.settings.home, snapshot_id)
 
     async def list_machines(self) -> list[Machine]:
         machines = []

@@ -69,7 +69,8 @@ async def serve(settings: Settings, on_ready: Callable[[str], None] | None = Non
     info_path = master_file(settings)
     try:
         # on AWS, SNS must reach the master at its public address
-        await backends.bus.subscribe(MASTER, f"{settings.public_url or url}/messages")
+        public = settings.public_url.replace("{port}", str(port)) if settings.public_url else url
+        await backends.bus.subscribe(MASTER, f"{public}/messages")
         await master.start()
         tmp = info_path.with_suffix(".tmp")
         tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))

@@ -42,7 +42,7 @@ async def on_checkpoint_done(master: Master, message: Envelope, body: Checkpoint
     record = CheckpointRecord(
         job_id=body.job_id, id=body.checkpoint_id, attempt=body.attempt, manifest_key=body.manifest_key,
         size_bytes=body.size_bytes, new_bytes=body.new_bytes, pause_seconds=body.pause_seconds, upload_seconds=body.upload_seconds,
-        reason=body.reason, deadline_margin_seconds=body.deadline_margin_seconds,
+        reason=body.reason, deadline_margin_seconds=body.deadline_margin_seconds, snapshot_id=body.snapshot_id,
     )
     await master.checkpoint_done(record, body.final, instance_id=message.sender.removeprefix("worker/"))
 

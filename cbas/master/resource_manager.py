@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from cbas.backends import Cloud, JobStore
-from cbas.models import LaunchSpec, LedgerEntry, LedgerState, Machine, utcnow
+from cbas.models import DiskSpec, LaunchSpec, LedgerEntry, LedgerState, Machine, utcnow
 from cbas.scheduler.placement import Placement
 
 log = structlog.get_logger(__name__)
@@ -31,7 +31,8 @@ class ResourceManager:
         self.cloud = cloud
         self.cluster = cluster
 
-    async def launch(self, job_id: str, placement: Placement, max_price: float | None) -> LedgerEntry:
+    async def launch(self, job_id: str, placement: Placement, max_price: float | None,
+                     disk: DiskSpec | None = None) -> LedgerEntry:
         entry = await self.store.put_ledger(
             LedgerEntry(
                 id="l-" + secrets.token_hex(8), job_id=job_id, market=placement.market,
@@ -42,6 +43,7 @@ class ResourceManager:
             ledger_id=entry.id, job_id=job_id, instance_type=placement.instance_type,
             zone=placement.zone, market=placement.market,
             max_price=max_price if placement.market == "spot" else None,
+            **(disk.model_dump() if disk else {}),
         )
         try:
             machine = await self.cloud.launch(spec)

@@ -9,22 +9,26 @@ from __future__ import annotations
 import asyncio
 import functools
 import secrets
+import tempfile
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import structlog
 
 from cbas import jdl
+from cbas.archive import unpack
 from cbas.backends import (
-    BlobStore, CapacityError, Cloud, DeliveryError, JobStore, MessageBus, MessageRejected, NotFound, StaleWrite,
+    BlobStore, CapacityError, Cloud, DeliveryError, ImageBuilder, JobStore, MessageBus, MessageRejected, NotFound,
+    StaleWrite,
 )
 from cbas.master.resource_manager import ResourceManager
 from cbas.master.scheduler_adapter import SchedulerAdapter
 from cbas.master.timers import Deadlines
 from cbas.master.worker_manager import WorkerManager
 from cbas.messages import MASTER, CheckpointNow, Envelope, MessageType, Ping, StartJob, StopJob, envelope, worker_address
-from cbas.models import CheckpointRecord, Job, JobEvent, LedgerEntry, utcnow
+from cbas.models import CheckpointRecord, DiskSpec, Job, JobEvent, LedgerEntry, utcnow
 from cbas.settings import Settings
 from cbas.state import JobState, can_transition
 
@@ -41,6 +45,7 @@ class Backends:
     blobs: BlobStore
     bus: MessageBus
     cloud: Cloud
+    images: ImageBuilder | None = None  # None: this backend builds no images (prologues run on the machines)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -67,6 +72,8 @@ def measured_restart(job: Job) -> float | None:
 def checkpoint_detail(record: CheckpointRecord) -> str:
     detail = (f"{record.id} ({record.reason}): {record.size_bytes} bytes, {record.new_bytes} new, "
               f"pause {record.pause_seconds:.2f}s, upload {record.upload_seconds:.2f}s")
+    if record.snapshot_id:
+        detail += f", disk snapshot {record.snapshot_id}"
     if record.deadline_margin_seconds is not None:
         detail += f", {record.deadline_margin_seconds:.1f}s before the machine is reclaimed"
     return detail
@@ -87,6 +94,7 @@ class Master:
         self.blobs = backends.blobs
         self.bus = backends.bus
         self.cloud = backends.cloud
+        self.images = backends.images
         self.resources = ResourceManager(self.store, self.cloud, settings.cluster)
         self.workers = workers or WorkerManager(settings)
         self.progress = Deadlines()  # job id -> when a restart from a checkpoint counts as stalled
@@ -96,6 +104,9 @@ class Master:
         self._checkpoint_requested: dict[str, float] = {}  # job id -> when we last asked
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
+        self._building: dict[str, asyncio.Task[None]] = {}  # job id -> its image build
+        self._image_noted: set[str] = set()
+        self._snapshots_dropped: set[str] = set()
 
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -117,6 +128,9 @@ class Master:
                 await task
             except asyncio.CancelledError:
                 pass
+        for build in list(self._building.values()):  # a build is started again by the next master
+            build.cancel()
+        await asyncio.gather(*self._building.values(), return_exceptions=True)
         self._tasks = []
         await self.cloud.close()
 
@@ -210,7 +224,21 @@ class Master:
             return None
         await self.store.add_event(JobEvent(job_id=job_id, kind=event, detail=detail))
         log.info("job.state", job_id=job_id, state=new.state, cause=event, detail=detail)
+        if target.is_terminal():
+            await self.drop_snapshots(job_id, keep=0)
         return new
+
+    async def drop_snapshots(self, job_id: str, keep: int) -> None:
+        """Volume checkpoints: delete the disk snapshots beyond the newest `keep` good ones."""
+        records = [c for c in await self.store.list_checkpoints(job_id) if c.snapshot_id]
+        good = [c.id for c in records if not c.bad][-keep:] if keep else []
+        for record in records:
+            if record.id not in good and record.snapshot_id not in self._snapshots_dropped:
+                try:
+                    await self.cloud.delete_snapshot(record.snapshot_id)  # type: ignore[arg-type]
+                    self._snapshots_dropped.add(record.snapshot_id)  # type: ignore[arg-type]
+                except Exception as exc:  # the reaper finds it again later
+                    log.warning("snapshot.delete_failed", job_id=job_id, snapshot=record.snapshot_id, error=str(exc))
 
     async def create_job(self, name: str | None) -> Job:
         for _ in range(5):
@@ -225,8 +253,9 @@ class Master:
             description = jdl.parse(text, filename=f"job {job_id}")
         except jdl.JDLError as exc:
             raise BadRequest(str(exc)) from None
-        if description.referenced_files() and not self.blobs.exists(f"jobs/{job_id}/input.tar.zst"):
-            raise BadRequest(f"job {job_id} has no uploaded sandbox (jobs/{job_id}/input.tar.zst)")
+        for name, files in (("prologue", description.prologue), ("input", description.input_sandbox)):
+            if files and not self.blobs.exists(f"jobs/{job_id}/{name}.tar.zst"):
+                raise BadRequest(f"job {job_id} has no uploaded {name} archive (jobs/{job_id}/{name}.tar.zst)")
         job = await self.store.get_job(job_id)
         if job.state != JobState.SUBMITTING:
             return  # added already: a repeated ADD_JOB changes nothing
@@ -291,6 +320,8 @@ class Master:
                                            f"offered types: {', '.join(offered)}"},
             )
             return
+        if not await self._image_ready(job, description):
+            return
         decision = self.adapter.place(job, description, types)
         if decision.action == "wait" or decision.placement is None:
             if self._waiting.get(job.id) != decision.reason:
@@ -299,7 +330,8 @@ class Master:
             return
         self._waiting.pop(job.id, None)
         try:
-            entry = await self.resources.launch(job.id, decision.placement, description.max_price)
+            entry = await self.resources.launch(job.id, decision.placement, description.max_price,
+                                                await self._disk_for(job, description))
         except CapacityError as exc:
             log.info("launch.no_capacity", job_id=job.id, error=str(exc))
             return
@@ -315,6 +347,57 @@ class Master:
             if current.instance_id != entry.instance_id:  # cancelled meanwhile
                 await self._release(job.id, entry.instance_id, reason="job no longer queued")
             # else: its worker announced itself first and placed the job already
+
+    async def _disk_for(self, job: Job, description: jdl.JobDescription) -> DiskSpec:
+        disk = DiskSpec(image_id=job.image_id)
+        if description.checkpoint_strategy == "volume":
+            snapshots = [c.snapshot_id for c in await self.store.list_checkpoints(job.id) if c.snapshot_id and not c.bad]
+            disk.data_volume_gib = description.volume_size
+            disk.data_snapshot = snapshots[-1] if snapshots else None
+        return disk
+
+    # --- job images ------------------------------------------------------------------------
+    async def _image_ready(self, job: Job, description: jdl.JobDescription) -> bool:
+        """False while the job waits for its image (BuildImage); starts the build if none runs."""
+        if not (description.build_image and description.prologue) or job.image_id:
+            return True
+        if self.images is None:
+            if job.id not in self._image_noted:
+                self._image_noted.add(job.id)
+                await self.store.add_event(JobEvent(job_id=job.id, kind="image", detail=(
+                    "this backend builds no images: the prologue runs on each machine before the job")))
+            return True
+        if job.id not in self._building:
+            self._building[job.id] = asyncio.create_task(self._build_image(job.id, description), name=f"image-{job.id}")
+        return False
+
+    async def _build_image(self, job_id: str, description: jdl.JobDescription) -> None:
+        assert self.images is not None
+        try:
+            await self.store.add_event(JobEvent(job_id=job_id, kind="image-building",
+                                                detail=f"building {', '.join(description.prologue)} into an image"))
+            files = await asyncio.to_thread(self._prologue_files, job_id, description)
+            image_id = await self.images.image_for(job_id, files)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.warning("image.failed", job_id=job_id, error=str(exc))
+            await self.transition(job_id, JobState.FAILED, event="failed", detail=f"image build failed: {exc}",
+                                  update=lambda _: {"error": f"BuildImage: {exc}"})
+        else:
+            await self.store.mutate_job(job_id, lambda j: j.model_copy(update={"image_id": image_id}))
+            await self.store.add_event(JobEvent(job_id=job_id, kind="image-ready", detail=image_id))
+            self.kick()
+        finally:
+            self._building.pop(job_id, None)
+
+    def _prologue_files(self, job_id: str, description: jdl.JobDescription) -> list[tuple[str, bytes]]:
+        with tempfile.TemporaryDirectory(prefix="cbas-prologue-") as scratch:
+            archive = Path(scratch) / "prologue.tar.zst"
+            self.blobs.get_file(f"jobs/{job_id}/prologue.tar.zst", archive)
+            unpack(archive, Path(scratch) / "files")
+            return [(Path(name).name, (Path(scratch) / "files" / Path(name).name).read_bytes())
+                    for name in description.prologue]
 
     async def request_checkpoint(self, job: Job, reason: str) -> None:
         """Ask for a checkpoint ahead of schedule; at most one request per checkpoint's duration."""
@@ -372,7 +455,7 @@ class Master:
             return
         self.workers.pinged(instance_id)
         body = StartJob(job_id=job.id, attempt=started.attempt, jdl=started.jdl, checkpoints=checkpoints,
-                        ping_interval=self.settings.ping_interval)
+                        ping_interval=self.settings.ping_interval, prologue_in_image=bool(started.image_id))
         try:
             await self.bus.send(envelope(MessageType.START_JOB, body, MASTER, worker_address(instance_id)))
         except (DeliveryError, MessageRejected) as exc:
@@ -427,6 +510,8 @@ class Master:
                 job_id=job.id, kind="checkpoint",
                 detail=checkpoint_detail(record),
             ))
+            if record.snapshot_id:
+                await self.drop_snapshots(job.id, keep=self.settings.checkpoints_kept)
         if final and job.instance_id:
             if job.id in self.moving:
                 reason, _ = self.moving.pop(job.id)

@@ -10,7 +10,7 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from cbas.backends import BlobStore, InvalidMessage, MessageBus
+from cbas.backends import BlobStore, InvalidMessage, MessageBus, VolumeSnapshots
 from cbas.messages import (
     MASTER, CheckpointNow, Envelope, MessageRegistry, MessageType, Ping, SpotNotice, StartJob, StopJob,
     UnroutableMessage, WorkerStarted, envelope, worker_address,
@@ -28,7 +28,7 @@ registry: MessageRegistry["Worker"] = MessageRegistry()
 class Worker:
     def __init__(
         self, settings: Settings, instance_id: str, disk: Path, metadata: MetadataClient, blobs: BlobStore,
-        bus: MessageBus,
+        bus: MessageBus, volumes: VolumeSnapshots | None = None,
     ) -> None:
         self.settings = settings
         self.instance_id = instance_id
@@ -37,6 +37,7 @@ class Worker:
         self.metadata = metadata
         self.blobs = blobs
         self.bus = bus
+        self.volumes = volumes
         self.outbox = Outbox(bus)
         self.job: JobRun | None = None
         self._job_task: asyncio.Task[None] | None = None
@@ -77,7 +78,7 @@ class Worker:
             return  # the same START_JOB again
         if self.job is not None:
             self.job.stop()
-        self.job = JobRun(self.settings, self.instance_id, self.disk, self.blobs, start, self.outbox.deliver)
+        self.job = JobRun(self.settings, self.instance_id, self.disk, self.blobs, start, self.outbox.deliver, self.volumes)
         self._job_task = asyncio.create_task(self._run_job(self.job))
 
     async def _run_job(self, job: JobRun) -> None:
@@ -136,12 +137,23 @@ class Worker:
             await asyncio.sleep(self.settings.notice_poll_interval)
 
     # --- lifecycle ----------------------------------------------------------------------------
+    async def _advertised_host(self) -> str:
+        """Where the bus reaches this worker: on EC2 the machine's public address."""
+        wanted = self.settings.worker_advertise_host or self.settings.worker_listen_host
+        if wanted != "metadata":
+            return wanted
+        for path in ("public-ipv4", "local-ipv4"):  # a private address serves a VPC endpoint
+            address = await self.metadata.get(path)
+            if address:
+                return address.strip()
+        raise RuntimeError("instance metadata has neither public-ipv4 nor local-ipv4 to deliver messages to")
+
     async def run(self, install_signals: bool = True) -> None:
         app = web.Application(client_max_size=1 << 20)
         app.router.add_post("/messages", self.receive)
         runner = web.AppRunner(app, access_log=None)
         await runner.setup()
-        site = web.TCPSite(runner, "127.0.0.1", 0)
+        site = web.TCPSite(runner, self.settings.worker_listen_host, self.settings.worker_port)
         await site.start()
         port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         stop = asyncio.Event()
@@ -150,7 +162,7 @@ class Worker:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.add_signal_handler(sig, stop.set)
         try:
-            await self.bus.subscribe(self.address, f"http://127.0.0.1:{port}/messages")
+            await self.bus.subscribe(self.address, f"http://{await self._advertised_host()}:{port}/messages")
             await self.outbox.deliver(self._message(MessageType.WORKER_STARTED, WorkerStarted(instance_id=self.instance_id)))
             log.info("worker.started", instance_id=self.instance_id, port=port)
             self._background(self._pinger())

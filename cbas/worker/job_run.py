@@ -21,7 +21,7 @@ import structlog
 
 from cbas import jdl
 from cbas.archive import ArchiveError, Member, pack, unpack
-from cbas.backends import BlobNotFound, BlobStore
+from cbas.backends import BlobNotFound, BlobStore, VolumeSnapshots
 from cbas.checkpoint.base import CheckpointFailed, JobContext, JobProcess, checkpointer_for
 from cbas.checkpoint.store import ChunkStore, CorruptCheckpoint, Manifest, UnsupportedFile
 from cbas.checkpoint.signalled import CHECKPOINT_EXIT_CODE
@@ -33,6 +33,7 @@ from cbas.settings import Settings
 log = structlog.get_logger(__name__)
 
 STDERR_TAIL_LINES = 20
+VOLUME_MARKER = ".cbas-checkpoint"  # volume strategy: names the checkpoint a disk was snapshotted at
 Deliver = Callable[[Envelope], Awaitable[bool]]
 
 
@@ -60,6 +61,10 @@ def chown_tree(root: Path, user: tuple[int, int]) -> None:
             os.chown(os.path.join(base, name), *user, follow_symlinks=False)
 
 
+def tree_size(root: Path) -> int:
+    return sum(entry.stat(follow_symlinks=False).st_size for entry in root.rglob("*") if not entry.is_symlink())
+
+
 def _tail(path: Path, lines: int) -> str:
     try:
         with open(path, "rb") as handle:
@@ -72,6 +77,7 @@ def _tail(path: Path, lines: int) -> str:
 class JobRun:
     def __init__(
         self, settings: Settings, instance_id: str, disk: Path, blobs: BlobStore, start: StartJob, deliver: Deliver,
+        volumes: VolumeSnapshots | None = None,
     ) -> None:
         self.settings = settings
         self.instance_id = instance_id
@@ -81,6 +87,7 @@ class JobRun:
         self.description = jdl.parse(start.jdl)
         self.checkpointer = checkpointer_for(self.description.checkpoint_strategy, settings.signal_checkpoint_timeout)
         self.store = ChunkStore(blobs, start.job_id)
+        self.volumes = volumes if self.description.checkpoint_strategy == "volume" else None
         self.root = disk / "job"
         self.pgids_file = disk / "job-pgids"
         self.cache_dir = disk / "cache"  # kept across attempts on this machine
@@ -142,7 +149,11 @@ class JobRun:
 
     # --- preparation ------------------------------------------------------------------------
     async def _prepare(self) -> JobContext:
-        await asyncio.to_thread(self._lay_out_sandbox)
+        if self.description.checkpoint_strategy == "volume" and self.volumes is None:
+            raise PrepareFailed("CheckpointStrategy \"volume\" needs a backend with disk snapshots (local or aws)")
+        on_volume = self._checkpoint_on_volume()
+        if on_volume is None:
+            await asyncio.to_thread(self._lay_out_sandbox)
         user = job_user(self.settings)
         ctx = JobContext(
             job_id=self.job_id, workdir=self.root / "work", checkpoint_dir=self.root / "checkpoint",
@@ -150,11 +161,18 @@ class JobRun:
             cache_dir=self.cache_dir,
         )
         self.ctx = ctx
-        await asyncio.to_thread(self._restore, ctx)
+        if on_volume is None:
+            await asyncio.to_thread(self._restore, ctx)
+        else:  # the disk was made from this checkpoint's snapshot: state and logs are in place
+            self.restored_from = on_volume
+            self.log.info("checkpoint.restored", checkpoint=on_volume, source="volume snapshot")
         ctx.env = self._environment(ctx)
         if user is not None:
             chown_tree(self.root, user)
-        await self._run_prologue(ctx)
+        if self.start.prologue_in_image:
+            self.log.info("prologue.in_image")  # the machine's image was built with it
+        else:
+            await self._run_prologue(ctx)
         return ctx
 
     def _lay_out_sandbox(self) -> None:
@@ -177,7 +195,22 @@ class JobRun:
                 raise PrepareFailed(f"the {name} sandbox cannot be unpacked: {exc}") from None
             archive.unlink()
 
+    def _checkpoint_on_volume(self) -> str | None:
+        """Volume strategy: the checkpoint this machine's disk was made from, if it is one to use."""
+        if self.volumes is None or not self.start.checkpoints:
+            return None
+        try:
+            found = (self.root / VOLUME_MARKER).read_text().strip()
+        except FileNotFoundError:
+            found = ""
+        if found in self.start.checkpoints:
+            return found
+        self.log.warning("checkpoint.volume_mismatch", disk_has=found or None, wanted=self.start.checkpoints[0])
+        return None
+
     def _restore(self, ctx: JobContext) -> None:
+        if self.volumes is not None:
+            return  # volume checkpoints come with the disk, never from the blob store
         for checkpoint_id in self.start.checkpoints:
             try:
                 manifest = self.store.restore(checkpoint_id, self.checkpointer.state_dir(ctx))
@@ -288,9 +321,12 @@ class JobRun:
             try:
                 async with self.checkpointer.quiesced(ctx, process):
                     stdout, stderr = ctx.log_sizes()
-                    snapshot = await asyncio.to_thread(
-                        self.store.snapshot, self.checkpointer.state_dir(ctx), self.root / "staging",
-                        self.checkpointer.exclude)
+                    if self.volumes is not None:
+                        snapshot = await asyncio.to_thread(self._snapshot_volume, checkpoint_id)
+                    else:
+                        snapshot = await asyncio.to_thread(
+                            self.store.snapshot, self.checkpointer.state_dir(ctx), self.root / "staging",
+                            self.checkpointer.exclude)
             except (CheckpointFailed, UnsupportedFile) as exc:
                 self.log.warning("checkpoint.failed", reason=reason, error=str(exc))
                 return False
@@ -300,25 +336,45 @@ class JobRun:
                 process.kill()
             started = time.monotonic()
             await asyncio.to_thread(self._upload_logs)
-            manifest = await asyncio.to_thread(
-                self.store.commit, snapshot, checkpoint_id, self.checkpointer.name, stdout, stderr)
+            if isinstance(snapshot, str):
+                try:
+                    await asyncio.to_thread(self.volumes.wait, snapshot)  # type: ignore[union-attr]
+                except Exception as exc:
+                    self.log.warning("checkpoint.failed", reason=reason, snapshot=snapshot, error=str(exc))
+                    return False
+                size_bytes = new_bytes = await asyncio.to_thread(tree_size, self.root)
+            else:
+                manifest = await asyncio.to_thread(
+                    self.store.commit, snapshot, checkpoint_id, self.checkpointer.name, stdout, stderr)
+                size_bytes, new_bytes = manifest.total_bytes, manifest.new_bytes
             upload = time.monotonic() - started
-            if self.description.validate_checkpoint and not await asyncio.to_thread(self._validate, checkpoint_id):
+            if self.description.validate_checkpoint and self.volumes is None \
+                    and not await asyncio.to_thread(self._validate, checkpoint_id):
                 return False
             margin = None if deadline is None else deadline - time.time()
-            self.log.info("checkpoint.uploaded", checkpoint=checkpoint_id, reason=reason, bytes=manifest.total_bytes,
-                          new_bytes=manifest.new_bytes, pause=round(pause, 3), upload=round(upload, 3),
+            self.log.info("checkpoint.uploaded", checkpoint=checkpoint_id, reason=reason, bytes=size_bytes,
+                          new_bytes=new_bytes, pause=round(pause, 3), upload=round(upload, 3),
                           deadline_margin=None if margin is None else round(margin, 3))
             if margin is not None and margin < 0:
                 self.log.error("checkpoint.missed_notice_deadline", checkpoint=checkpoint_id, late_by=round(-margin, 3))
             delivered = await self.deliver(self._message(MessageType.CHECKPOINT_DONE, CheckpointDone(
                 job_id=self.job_id, attempt=self.start.attempt, checkpoint_id=checkpoint_id,
-                manifest_key=self.store.manifest_key(checkpoint_id), size_bytes=manifest.total_bytes,
-                new_bytes=manifest.new_bytes, pause_seconds=pause, upload_seconds=upload, reason=reason, final=final,
-                deadline_margin_seconds=margin)))
-            if delivered and not final:
+                manifest_key="" if isinstance(snapshot, str) else self.store.manifest_key(checkpoint_id),
+                size_bytes=size_bytes, new_bytes=new_bytes, pause_seconds=pause,
+                upload_seconds=upload, reason=reason, final=final, deadline_margin_seconds=margin,
+                snapshot_id=snapshot if isinstance(snapshot, str) else None)))
+            if delivered and not final and self.volumes is None:
                 await asyncio.to_thread(self._collect_garbage)
             return delivered
+
+    def _snapshot_volume(self, checkpoint_id: str) -> str:
+        assert self.volumes is not None
+        (self.root / VOLUME_MARKER).write_text(checkpoint_id)
+        os.sync()  # what the job wrote is on the disk before the snapshot's point in time
+        try:
+            return self.volumes.snapshot(self.job_id, checkpoint_id)
+        except Exception as exc:
+            raise CheckpointFailed(f"snapshot of the data disk failed: {exc}") from exc
 
     def _validate(self, checkpoint_id: str) -> bool:
         """Restore the checkpoint into a scratch folder, as a new machine would; False if it fails."""

@@ -40,9 +40,12 @@ def test_bootstrap_twice_creates_once_and_teardown_removes_everything(aws) -> No
 
 
 def test_the_worker_policy_is_scoped_to_the_job_prefix_and_topic() -> None:
-    policy = worker_policy("bucket", "arn:aws:sns:us-east-1:1:cbas-lab")
+    policy = worker_policy("bucket", "arn:aws:sns:us-east-1:1:cbas-lab", "lab")
     resources = [s["Resource"] for s in policy["Statement"]]
-    assert resources == ["arn:aws:s3:::bucket/jobs/*", "arn:aws:s3:::bucket", "arn:aws:sns:us-east-1:1:cbas-lab"]
+    assert resources[:3] == ["arn:aws:s3:::bucket/jobs/*", "arn:aws:s3:::bucket", "arn:aws:sns:us-east-1:1:cbas-lab"]
+    writes = [s for s in policy["Statement"] if "ec2:CreateSnapshot" in s["Action"]]
+    assert writes and all(s["Condition"]["StringEquals"] in ({"aws:ResourceTag/cbas:cluster": "lab"},
+                                                             {"aws:RequestTag/cbas:cluster": "lab"}) for s in writes)
 
 
 def test_cli_prints_settings_and_teardown_asks_first(aws) -> None:  # type: ignore[no-untyped-def]

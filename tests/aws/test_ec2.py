@@ -9,6 +9,7 @@ import pytest
 from moto import mock_aws
 
 from cbas.aws.ec2 import Ec2Cloud, render_user_data
+from cbas.aws.volumes import EbsSnapshots, NoDataVolume
 from cbas.models import LaunchSpec
 
 
@@ -60,3 +61,39 @@ def test_user_data_carries_settings_but_never_credentials() -> None:
     assert "CBAS_CLUSTER=test" in USER_DATA and "169.254.169.254" in USER_DATA
     with pytest.raises(ValueError, match="CBAS_ settings only"):
         render_user_data("https://x", "w.whl", {"AWS_SECRET_ACCESS_KEY": "nope"})
+
+
+async def test_a_volume_job_gets_a_data_disk_snapshotted_by_its_worker_and_restored(ec2) -> None:  # type: ignore[no-untyped-def]
+    client, image = ec2
+    cloud = Ec2Cloud("test", image, USER_DATA, client)
+    first = await cloud.launch(LaunchSpec(ledger_id="l-3", job_id="j3", instance_type="c5.large", zone="us-east-1a",
+                                          market="spot", data_volume_gib=20))
+    snapshots = EbsSnapshots(client, first.instance_id, "test", waiter_delay=1)
+    volume = snapshots.volume_id()
+    assert client.describe_volumes(VolumeIds=[volume])["Volumes"][0]["Size"] == 20
+    snapshot = snapshots.snapshot("j3", "a0001-n00001")
+    snapshots.wait(snapshot)
+    [described] = client.describe_snapshots(SnapshotIds=[snapshot])["Snapshots"]
+    assert described["VolumeId"] == volume
+    assert {t["Key"]: t["Value"] for t in described["Tags"]} == {
+        "cbas:cluster": "test", "cbas:job": "j3", "cbas:checkpoint": "a0001-n00001"}
+    second = await cloud.launch(LaunchSpec(ledger_id="l-4", job_id="j3", instance_type="c5.large", zone="us-east-1b",
+                                           market="spot", data_volume_gib=20, data_snapshot=snapshot))
+    restored = EbsSnapshots(client, second.instance_id, "test").volume_id()
+    assert client.describe_volumes(VolumeIds=[restored])["Volumes"][0]["SnapshotId"] == snapshot
+    await cloud.delete_snapshot(snapshot)
+    await cloud.delete_snapshot(snapshot)  # twice is fine
+    assert client.describe_snapshots(Filters=[{"Name": "tag:cbas:job", "Values": ["j3"]}])["Snapshots"] == []
+    plain = await cloud.launch(LaunchSpec(ledger_id="l-5", job_id="j4", instance_type="c5.large", zone="us-east-1a",
+                                          market="spot"))
+    with pytest.raises(NoDataVolume, match="needs a data disk at /dev/sdf"):
+        EbsSnapshots(client, plain.instance_id, "test").volume_id()
+
+
+async def test_a_job_image_replaces_the_cluster_image(ec2) -> None:  # type: ignore[no-untyped-def]
+    client, image = ec2
+    other = client.describe_images(Owners=["amazon"])["Images"][1]["ImageId"]
+    machine = await Ec2Cloud("test", image, USER_DATA, client).launch(LaunchSpec(
+        ledger_id="l-6", job_id="j5", instance_type="c5.large", zone="us-east-1a", market="spot", image_id=other))
+    [instance] = client.describe_instances(InstanceIds=[machine.instance_id])["Reservations"][0]["Instances"]
+    assert instance["ImageId"] == other != image

@@ -165,3 +165,24 @@ def test_a_worker_that_stops_pinging_is_declared_dead_and_the_job_restarts(clust
     out = fetch_output(cluster, job_id)
     assert (out / "output.txt").read_text() == expected_counter(60)
     cluster.assert_nothing_left()
+
+
+def test_a_volume_job_restarts_on_a_disk_made_from_its_snapshot(cluster: Cluster) -> None:
+    cluster.market({
+        ("z1", "c5.large"): (0.020, 0.085, [(0.0, True), (10.0, False)]),
+        ("z2", "c5.large"): (0.040, 0.085, [(0.0, True)]),
+    })
+    cluster.start_master()
+    job_id = cluster.submit(cluster.job_dir("on-a-volume", n=150, delay=0.1, interval=1,
+                                            extra='CheckpointStrategy = "volume";\n'))
+    job = cluster.wait(job_id, timeout=120)
+    assert job["state"] == "COMPLETED", job["events"]
+    assert job["preemptions"] == 1 and job["restarts"] == 1
+    snapshots = [e["detail"].rsplit("disk snapshot ", 1)[1] for e in job["events"] if e["kind"] == "checkpoint"]
+    assert snapshots and all(s.startswith("snap-") for s in snapshots)
+    out = fetch_output(cluster, job_id)
+    assert (out / "output.txt").read_text() == expected_counter(150)
+    resumed = [int(n) for n in re.findall(r"resuming at (\d+)", (out / "stdout").read_text())]
+    assert len(resumed) == 1 and 0 < resumed[0] < 150  # from the snapshot, not from zero
+    assert list((cluster.home / "snapshots").iterdir()) == []  # every snapshot went with the finished job
+    cluster.assert_nothing_left()

@@ -108,7 +108,7 @@ async def test_signed_but_wrong_messages_get_a_clear_4xx(setup) -> None:
          "does not handle STOP_JOB"),
         (envelope(MessageType.PING, Ping(instance_id="i-1"), "w", "worker/i-1"), 400, "delivered to the master"),
         (envelope(MessageType.ADD_JOB, AddJob(job_id=job_id, jdl='Executable = "x"; InputSandbox = {"in.txt"};'), "cli", "master"),
-         400, "no uploaded sandbox"),
+         400, "no uploaded input archive"),
     ]
     for message, status, fragment in cases:
         resp = await client.post("/messages", data=signed(master, message))

@@ -92,6 +92,18 @@ async def test_a_failing_prologue_fails_the_job_before_it_starts(harness: Harnes
     assert b"setting up" in harness.blobs.get_bytes("jobs/j5/logs/stdout")
 
 
+async def test_a_prologue_built_into_the_image_is_not_run_again(harness: Harness) -> None:
+    scratch = harness.root / "pro"
+    scratch.mkdir()
+    (scratch / "setup.sh").write_text("#!/bin/sh\nexit 7\n")  # would fail the job if it ran
+    pack([Member(scratch / "setup.sh", "setup.sh")], scratch / "p.tar.zst")
+    harness.blobs.put_file("jobs/j5b/prologue.tar.zst", scratch / "p.tar.zst")
+    run = harness.run("j5b", 'Executable = "/bin/true"; Prologue = {"setup.sh"}; BuildImage = true;')
+    run.start = run.start.model_copy(update={"prologue_in_image": True})
+    await asyncio.wait_for(run.run(), 30)
+    assert harness.of_type(MessageType.JOB_FAILED) == [] and len(harness.of_type(MessageType.JOB_DONE)) == 1
+
+
 async def test_directory_checkpoint_then_restore_resumes_instead_of_restarting(harness: Harness) -> None:
     harness.upload_inputs("j6", {"counter.sh": COUNTER / "counter.sh", "input.txt": b"5\n"})
     text = COUNTER_JDL.replace('Arguments = "40 input.txt"', 'Arguments = "60 input.txt"')

@@ -1,0 +1,45 @@
+"""The `volume` strategy on the local backend: a machine's job folder stands for its data disk,
+and a snapshot is a copy of it under the home, which the next machine's disk is made from."""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+from pathlib import Path
+
+
+def snapshots_root(home: Path) -> Path:
+    return home / "snapshots"
+
+
+class FolderSnapshots:
+    def __init__(self, home: Path, volume: Path) -> None:
+        self.root = snapshots_root(home)
+        self.volume = volume
+
+    def snapshot(self, job_id: str, checkpoint_id: str) -> str:
+        snapshot_id = "snap-" + secrets.token_hex(8)
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        partial = self.root / f".{snapshot_id}.partial"
+        shutil.copytree(self.volume, partial / "volume", symlinks=True)
+        (partial / "job").write_text(f"{job_id} {checkpoint_id}\n")
+        partial.rename(self.root / snapshot_id)  # whole or not at all
+        return snapshot_id
+
+    def wait(self, snapshot_id: str) -> None:
+        if not (self.root / snapshot_id).is_dir():
+            raise FileNotFoundError(f"snapshot {snapshot_id} is missing")
+
+
+def restore_volume(home: Path, snapshot_id: str, volume: Path) -> None:
+    """Make a new machine's disk from a snapshot."""
+    source = snapshots_root(home) / snapshot_id / "volume"
+    if not source.is_dir():
+        raise FileNotFoundError(f"snapshot {snapshot_id} is missing from {snapshots_root(home)}")
+    shutil.copytree(source, volume, symlinks=True)
+
+
+def delete_snapshot(home: Path, snapshot_id: str) -> None:
+    if not snapshot_id.startswith("snap-") or "/" in snapshot_id:
+        raise ValueError(f"not a snapshot id: {snapshot_id!r}")
+    shutil.rmtree(snapshots_root(home) / snapshot_id, ignore_errors=True)
