@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from datetime import datetime
 from pathlib import Path
 from typing import Callable, Protocol
+
+from pydantic import BaseModel
 
 from cbas.messages import Envelope
 from cbas.models import CheckpointRecord, Job, JobEvent, LaunchSpec, LedgerEntry, Machine, Offer
@@ -107,6 +110,16 @@ class JobStore(Protocol):
     async def close(self) -> None: ...
 
 
+class Leftover(BaseModel):
+    """Something CBAS made in the cloud that may outlive its use (for the reaper)."""
+
+    kind: str  # machine | volume | snapshot | image | queue | job-files
+    id: str
+    job_id: str | None = None
+    ledger_id: str | None = None  # machines: the ledger entry they were launched for
+    created_at: datetime | None = None
+
+
 class Cloud(Protocol):
     async def start(self) -> None: ...
     async def launch(self, spec: LaunchSpec) -> Machine: ...
@@ -114,6 +127,11 @@ class Cloud(Protocol):
     async def list_machines(self) -> list[Machine]: ...
     async def offers(self) -> list[Offer]: ...
     async def delete_snapshot(self, snapshot_id: str) -> None: ...
+    async def leftovers(self) -> list[Leftover]:
+        """Everything of this cluster's that the reaper may judge: machines, volumes, snapshots..."""
+        ...
+
+    async def remove(self, leftover: Leftover) -> None: ...
     async def close(self) -> None: ...
 
 

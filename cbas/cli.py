@@ -223,6 +223,30 @@ def cancel(ctx: click.Context, job_id: str) -> None:
 
 
 @cli.command()
+@click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
+@click.pass_context
+def gc(ctx: click.Context, dry_run: bool) -> None:
+    """Remove what no job needs: machines, volumes, snapshots and images left behind, image
+    builder queues, and the files of jobs finished more than CBAS_RETENTION_DAYS ago.
+
+    The master also does this every CBAS_REAPER_INTERVAL seconds. Nothing an unfinished job
+    uses is ever removed.
+
+    Example: cbas gc --dry-run
+    """
+    settings = settings_of(ctx)
+    report = api_call(api_call(MasterClient, settings).collect_garbage, dry_run)
+    verb = "would remove" if dry_run else "removed"
+    for line in report["removed"]:
+        console.print(f"{verb} {line}")
+    for line in report["failed"]:
+        err_console.print(f"[red]could not remove[/] {line}")
+    if not report["removed"] and not report["failed"]:
+        console.print("nothing to remove")
+    sys.exit(1 if report["failed"] else 0)
+
+
+@cli.command()
 @click.argument("job_id")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Folder to write to (default ./<job id>).")
 @click.pass_context

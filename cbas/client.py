@@ -60,6 +60,9 @@ class MasterClient:
     def jobs(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/api/jobs")["jobs"])
 
+    def collect_garbage(self, dry_run: bool) -> dict[str, Any]:
+        return self._call("POST", "/api/gc", {"dry_run": dry_run})
+
     def job(self, job_id: str) -> dict[str, Any]:
         try:
             return self._call("GET", f"/api/jobs/{job_id}")

@@ -52,6 +52,10 @@ class Settings(BaseSettings):
     job_user: str = "nobody"  # jobs run as this user when the worker runs as root
     signal_checkpoint_timeout: float = 60.0
     checkpoints_kept: int = 3  # older checkpoints' manifests and unshared chunks are deleted
+    # the reaper: a finished job's files stay this long; anything unclaimed is left alone this long
+    retention_days: float = Field(default=7.0, ge=0)
+    reaper_interval: float = 600.0
+    reaper_grace: float = 600.0
 
     # local backend
     machines_dir: Path | None = None  # each local machine's disk; see machines_root()

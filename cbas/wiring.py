@@ -94,15 +94,15 @@ def open_master_backends(settings: Settings) -> Backends:
         wheel_key = publish_worker_wheel(blobs, settings.aws_worker_wheel)
         user_data = presigned_user_data(blobs, wheel_key, worker_environment(settings_env(settings)))
         ec2 = boto3.client("ec2", region_name=settings.aws_region)
+        sqs = boto3.client("sqs", region_name=settings.aws_region)
         return Backends(
             store=DynamoJobStore(settings.aws_table, boto3.resource("dynamodb", region_name=settings.aws_region)),
             blobs=blobs,
             bus=open_bus(settings),
             cloud=Ec2Cloud(settings.cluster, settings.aws_image_id, user_data=user_data, client=ec2,
                            instance_profile=settings.aws_instance_profile or None,
-                           security_groups=settings.aws_security_groups),
-            images=ImageBuilder(ec2, boto3.client("sqs", region_name=settings.aws_region), blobs, settings.cluster,
-                                settings.aws_image_id),
+                           security_groups=settings.aws_security_groups, sqs=sqs),
+            images=ImageBuilder(ec2, sqs, blobs, settings.cluster, settings.aws_image_id),
         )
     from cbas.local.cloud import LocalCloud
     from cbas.local.store import SqliteJobStore

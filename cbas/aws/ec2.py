@@ -12,7 +12,7 @@ import structlog
 from botocore.exceptions import ClientError
 
 from cbas.aws.retry import aws_retry
-from cbas.backends import CapacityError
+from cbas.backends import CapacityError, Leftover
 from cbas.models import LaunchSpec, Machine, Offer
 
 log = structlog.get_logger(__name__)
@@ -25,6 +25,14 @@ ONDEMAND_PRICES = {"m5.large": 0.096, "c5.large": 0.085, "c5.xlarge": 0.17, "r5.
 LIVE_STATES = ["pending", "running", "stopping", "stopped"]
 WORKER_PORT = 8080  # the workers' message endpoint; bootstrap's security group opens it
 DATA_DEVICE = "/dev/sdf"  # the job's data disk (volume strategy); user-data mounts it as the worker's disk
+
+
+def _tag(resource: dict[str, Any], key: str) -> str | None:
+    return next((t["Value"] for t in resource.get("Tags", []) if t["Key"] == key), None)
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
 
 
 def render_user_data(wheel_url: str, wheel_name: str, environment: dict[str, str], template: Path = USER_DATA_TEMPLATE) -> str:
@@ -73,8 +81,9 @@ def presigned_user_data(blobs: Any, wheel_key: str, environment: dict[str, str])
 class Ec2Cloud:
     def __init__(self, cluster: str, image_id: str, user_data: UserData | str, client: Any | None = None,
                  instance_profile: str | None = None, security_groups: list[str] | None = None,
-                 instance_types: list[str] | None = None) -> None:
+                 instance_types: list[str] | None = None, sqs: Any | None = None) -> None:
         self.cluster = cluster
+        self.sqs = sqs  # to find image builder queues left behind
         self.image_id = image_id
         self.user_data = user_data
         self.client = client or boto3.client("ec2")
@@ -170,6 +179,54 @@ class Ec2Cloud:
                     raise
 
         await asyncio.to_thread(delete)
+
+    async def leftovers(self) -> list[Leftover]:
+        def gather() -> list[Leftover]:
+            cluster = [{"Name": "tag:cbas:cluster", "Values": [self.cluster]}]
+            found = [Leftover(kind="machine", id=i["InstanceId"], job_id=_tag(i, "cbas:job"),
+                              ledger_id=_tag(i, "cbas:ledger"), created_at=i["LaunchTime"])
+                     for i in self._find(cluster + [{"Name": "instance-state-name", "Values": LIVE_STATES}])
+                     if _tag(i, "cbas:role") != "image-builder"]  # a builder belongs to its build
+            volumes = aws_retry(self.client.describe_volumes)(
+                Filters=cluster + [{"Name": "status", "Values": ["available"]}])["Volumes"]  # attached ones go with their machine
+            found += [Leftover(kind="volume", id=v["VolumeId"], job_id=_tag(v, "cbas:job"), created_at=v["CreateTime"])
+                      for v in volumes]
+            snapshots = aws_retry(self.client.describe_snapshots)(OwnerIds=["self"], Filters=cluster)["Snapshots"]
+            found += [Leftover(kind="snapshot", id=x["SnapshotId"], job_id=_tag(x, "cbas:job"), created_at=x["StartTime"])
+                      for x in snapshots]
+            images = aws_retry(self.client.describe_images)(Owners=["self"], Filters=cluster)["Images"]
+            found += [Leftover(kind="image", id=i["ImageId"], created_at=_parse_time(i.get("CreationDate")))
+                      for i in images]
+            if self.sqs is not None:
+                prefix = f"cbas-{self.cluster}-image-"
+                for url in aws_retry(self.sqs.list_queues)(QueueNamePrefix=prefix).get("QueueUrls", []):
+                    stamp = aws_retry(self.sqs.get_queue_attributes)(
+                        QueueUrl=url, AttributeNames=["CreatedTimestamp"])["Attributes"]["CreatedTimestamp"]
+                    found.append(Leftover(kind="queue", id=url, created_at=datetime.fromtimestamp(float(stamp), timezone.utc)))
+            return found
+
+        return await asyncio.to_thread(gather)
+
+    async def remove(self, leftover: Leftover) -> None:
+        if leftover.kind == "machine":
+            await self.terminate(leftover.id)
+        elif leftover.kind == "snapshot":
+            await self.delete_snapshot(leftover.id)
+        elif leftover.kind == "volume":
+            await asyncio.to_thread(aws_retry(self.client.delete_volume), VolumeId=leftover.id)
+        elif leftover.kind == "image":
+            def deregister() -> None:
+                image = aws_retry(self.client.describe_images)(ImageIds=[leftover.id])["Images"]
+                aws_retry(self.client.deregister_image)(ImageId=leftover.id)
+                for mapping in image[0].get("BlockDeviceMappings", []) if image else []:  # its snapshots too
+                    if "Ebs" in mapping and mapping["Ebs"].get("SnapshotId"):
+                        aws_retry(self.client.delete_snapshot)(SnapshotId=mapping["Ebs"]["SnapshotId"])
+
+            await asyncio.to_thread(deregister)
+        elif leftover.kind == "queue" and self.sqs is not None:
+            await asyncio.to_thread(aws_retry(self.sqs.delete_queue), QueueUrl=leftover.id)
+        else:
+            raise ValueError(f"cannot remove a {leftover.kind}")
 
     async def list_machines(self) -> list[Machine]:
         instances = await asyncio.to_thread(aws_retry(self._find), [

@@ -24,9 +24,9 @@ from pathlib import Path
 import structlog
 from pydantic import BaseModel
 
-from cbas.backends import CapacityError, NotFound
+from cbas.backends import CapacityError, Leftover, NotFound
 from cbas.local.market import BuiltinMarket, MarketModel, TraceMarket
-from cbas.local.volumes import delete_snapshot, restore_volume
+from cbas.local.volumes import delete_snapshot, list_snapshots, restore_volume
 from cbas.models import LaunchSpec, Machine, Offer
 from cbas.scheduler.traces import load_trace
 from cbas.settings import Settings
@@ -227,6 +227,20 @@ class LocalCloud:
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         await asyncio.to_thread(delete_snapshot, self.settings.home, snapshot_id)
+
+    async def leftovers(self) -> list[Leftover]:
+        found = [Leftover(kind="machine", id=m.instance_id, job_id=m.tags.get("cbas:job"),
+                          ledger_id=m.tags.get("cbas:ledger"), created_at=m.launched_at)
+                 for m in await self.list_machines()]
+        return found + await asyncio.to_thread(list_snapshots, self.settings.home)
+
+    async def remove(self, leftover: Leftover) -> None:
+        if leftover.kind == "machine":
+            await self.terminate(leftover.id, reason="reaped: no live ledger entry")
+        elif leftover.kind == "snapshot":
+            await self.delete_snapshot(leftover.id)
+        else:
+            raise ValueError(f"the local cloud has no {leftover.kind}s")
 
     async def list_machines(self) -> list[Machine]:
         machines = []

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import secrets
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
+
+from cbas.backends import Leftover
 
 
 def snapshots_root(home: Path) -> Path:
@@ -37,6 +40,18 @@ def restore_volume(home: Path, snapshot_id: str, volume: Path) -> None:
     if not source.is_dir():
         raise FileNotFoundError(f"snapshot {snapshot_id} is missing from {snapshots_root(home)}")
     shutil.copytree(source, volume, symlinks=True)
+
+
+def list_snapshots(home: Path) -> list[Leftover]:
+    found = []
+    for folder in sorted(snapshots_root(home).glob("snap-*")):
+        try:
+            job_id = (folder / "job").read_text().split()[0]
+        except (OSError, IndexError):
+            job_id = None
+        created = datetime.fromtimestamp(folder.stat().st_mtime, timezone.utc)
+        found.append(Leftover(kind="snapshot", id=folder.name, job_id=job_id, created_at=created))
+    return found
 
 
 def delete_snapshot(home: Path, snapshot_id: str) -> None:

@@ -112,6 +112,15 @@ async def get_job(request: web.Request) -> web.Response:
     return web.json_response(view)
 
 
+async def collect_garbage(request: web.Request) -> web.Response:
+    payload = await _json(request)
+    dry_run = payload.get("dry_run", False)
+    if not isinstance(dry_run, bool):
+        raise BadRequest("dry_run must be true or false")
+    report = await request.app[MASTER_KEY].collect_garbage(dry_run=dry_run)
+    return web.json_response({"dry_run": report.dry_run, "removed": report.removed, "failed": report.failed})
+
+
 async def _json(request: web.Request) -> dict[str, Any]:
     if not request.can_read_body:
         return {}
@@ -133,4 +142,5 @@ def create_app(master: Master, token: str) -> web.Application:
     app.router.add_post("/api/jobs", create_job)
     app.router.add_get("/api/jobs", list_jobs)
     app.router.add_get("/api/jobs/{job_id}", get_job)
+    app.router.add_post("/api/gc", collect_garbage)
     return app

@@ -12,6 +12,7 @@ import secrets
 import tempfile
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -23,6 +24,7 @@ from cbas.backends import (
     BlobStore, CapacityError, Cloud, DeliveryError, ImageBuilder, JobStore, MessageBus, MessageRejected, NotFound,
     StaleWrite,
 )
+from cbas.master.reaper import GcReport, Reaper
 from cbas.master.resource_manager import ResourceManager
 from cbas.master.scheduler_adapter import SchedulerAdapter
 from cbas.master.timers import Deadlines
@@ -96,6 +98,9 @@ class Master:
         self.cloud = backends.cloud
         self.images = backends.images
         self.resources = ResourceManager(self.store, self.cloud, settings.cluster)
+        self.reaper = Reaper(self.store, self.cloud, self.blobs, self.bus,
+                             retention=timedelta(days=settings.retention_days),
+                             grace=timedelta(seconds=settings.reaper_grace))
         self.workers = workers or WorkerManager(settings)
         self.progress = Deadlines()  # job id -> when a restart from a checkpoint counts as stalled
         self.adapter = SchedulerAdapter(settings)
@@ -116,6 +121,7 @@ class Master:
             asyncio.create_task(self._loop(self.schedule, self.settings.schedule_interval), name="scheduler"),
             asyncio.create_task(self._loop(self.check_workers, min(self.settings.ping_interval / 2, 5.0)), name="pings"),
             asyncio.create_task(self._loop(self.prune_endpoints, 60.0), name="endpoints"),
+            asyncio.create_task(self._loop(self.collect_garbage, self.settings.reaper_interval), name="reaper"),
         ]
         self.kick()
 
@@ -183,6 +189,14 @@ class Master:
         removed = await self.bus.unsubscribe_stale(live)
         if removed:
             log.info("endpoints.pruned", recipients=removed)
+
+    async def collect_garbage(self, dry_run: bool = False) -> GcReport:
+        """What no job needs goes: leftover machines, volumes, snapshots, images, builder queues,
+        old jobs' files; and endpoints of machines that are gone."""
+        report = await self.reaper.run(dry_run=dry_run)
+        if not dry_run:
+            await self.prune_endpoints()
+        return report
 
     # --- state changes --------------------------------------------------------------------
     async def transition(

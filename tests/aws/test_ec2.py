@@ -97,3 +97,27 @@ async def test_a_job_image_replaces_the_cluster_image(ec2) -> None:  # type: ign
         ledger_id="l-6", job_id="j5", instance_type="c5.large", zone="us-east-1a", market="spot", image_id=other))
     [instance] = client.describe_instances(InstanceIds=[machine.instance_id])["Reservations"][0]["Instances"]
     assert instance["ImageId"] == other != image
+
+
+async def test_the_clusters_leftovers_are_found_and_removed(ec2) -> None:  # type: ignore[no-untyped-def]
+    client, image = ec2
+    sqs = boto3.client("sqs", region_name="us-east-1")
+    cloud = Ec2Cloud("test", image, USER_DATA, client, sqs=sqs)
+    machine = await cloud.launch(LaunchSpec(ledger_id="l-7", job_id="j7", instance_type="c5.large", zone="us-east-1a",
+                                            market="spot", data_volume_gib=10))
+    snapshot = EbsSnapshots(client, machine.instance_id, "test").snapshot("j7", "a0001-n00001")
+    tags = [{"ResourceType": "volume", "Tags": [{"Key": "cbas:cluster", "Value": "test"}, {"Key": "cbas:job", "Value": "j7"}]}]
+    loose = client.create_volume(AvailabilityZone="us-east-1a", Size=1, TagSpecifications=tags)["VolumeId"]
+    built = client.create_image(InstanceId=machine.instance_id, Name="cbas-test-x", TagSpecifications=[
+        {"ResourceType": "image", "Tags": [{"Key": "cbas:cluster", "Value": "test"}]}])["ImageId"]
+    queue = sqs.create_queue(QueueName="cbas-test-image-abc")["QueueUrl"]
+    sqs.create_queue(QueueName="someone-elses-queue")
+    found = {(item.kind, item.id) for item in await cloud.leftovers()}
+    assert found >= {("machine", machine.instance_id), ("snapshot", snapshot), ("volume", loose), ("image", built),
+                     ("queue", queue)}
+    assert not any("someone-elses" in id_ for _, id_ in found)
+    for item in await cloud.leftovers():
+        await cloud.remove(item)
+    assert {(item.kind, item.id) for item in await cloud.leftovers()} == set()
+    assert client.describe_images(ImageIds=[built])["Images"] == [] or \
+        client.describe_images(ImageIds=[built])["Images"][0]["State"] == "deregistered"
