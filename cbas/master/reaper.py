@@ -13,7 +13,7 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from cbas.backends import BlobStore, Cloud, JobStore, Leftover, MessageBus
+from cbas.backends import BlobStore, Cloud, JobStore, Leftover, MessageBus, NotFound
 from cbas.models import Job, utcnow
 
 log = structlog.get_logger(__name__)
@@ -91,6 +91,8 @@ class Reaper:
         prefixes = await asyncio.to_thread(self._job_prefixes)
         report = GcReport(dry_run=dry_run)
         for item, why in plan(leftovers, prefixes, holdings, utcnow(), self.retention, self.grace):
+            if item.kind == "job-files" and item.job_id is None and await self._exists(item.id):
+                continue  # the listing missed a job just made (a store's index may lag): it is not a ghost
             label = f"{item.kind} {item.id} ({why})"
             if dry_run:
                 report.removed.append(label)
@@ -106,6 +108,13 @@ class Reaper:
                 report.failed.append(f"{label}: {exc}")
                 log.warning("gc.failed", kind=item.kind, id=item.id, error=str(exc))
         return report
+
+    async def _exists(self, job_id: str) -> bool:
+        try:
+            await self.store.get_job(job_id)  # a consistent read
+            return True
+        except NotFound:
+            return False
 
     def _job_prefixes(self) -> list[str]:
         return sorted({key.split("/")[1] for key in self.blobs.list("jobs/") if key.count("/") >= 2})
