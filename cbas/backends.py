@@ -164,5 +164,10 @@ class MessageBus(Protocol):
         """Verify and unwrap one HTTP delivery; raise InvalidMessage if it is not genuine.
         None: a control message (a subscription confirmation) the bus has handled itself."""
         ...
+
+    async def receive(self, body: bytes) -> Envelope | None:
+        """parse_delivery without blocking the event loop (certificate fetches, confirmations)."""
+        ...
+
     async def close(self) -> None: ...
 

@@ -35,7 +35,9 @@ class Settings(BaseSettings):
     batch_window: float = 1.0  # seconds to gather arrivals before a scheduling pass
     restart_overhead: float = 300.0  # seconds from launch to running again, until measured per job
     migrate_timeout: float = 120.0  # seconds a moving job's worker has to checkpoint and stop
-    seen_message_window: float = 86400.0  # seconds a message id is remembered
+    # seconds a message id is remembered: longer than a delivery is accepted (its timestamp may be
+    # an hour old), so a duplicate is either remembered or refused as stale
+    seen_message_window: float = 4000.0
     # a restart from a checkpoint that takes no new checkpoint within this many seconds is stalled
     # (default: 3 checkpoint intervals plus a minute); it falls back to the checkpoint before
     restart_stall_timeout: float | None = None

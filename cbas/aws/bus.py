@@ -94,6 +94,9 @@ class SnsMessageBus:
             first = exc.errors()[0]
             raise InvalidMessage(f"envelope is invalid at {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
+    async def receive(self, body: bytes) -> Envelope | None:
+        return await asyncio.to_thread(self.parse_delivery, body)
+
     async def close(self) -> None:
         for recipient in list(self._subscriptions):
             await self.unsubscribe(recipient)

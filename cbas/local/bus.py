@@ -69,6 +69,9 @@ class LocalMessageBus:
         fields["Signature"] = base64.b64encode(digest).decode()
         return json.dumps(fields).encode()
 
+    async def receive(self, body: bytes) -> Envelope:
+        return self.parse_delivery(body)  # an HMAC check: no I/O, nothing to wait for
+
     def parse_delivery(self, body: bytes) -> Envelope:
         try:
             fields = json.loads(body)

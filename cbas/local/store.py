@@ -23,6 +23,7 @@ CREATE TABLE IF NOT EXISTS checkpoints (job_id TEXT NOT NULL, id TEXT NOT NULL, 
 CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, data TEXT NOT NULL);
 CREATE INDEX IF NOT EXISTS events_job ON events(job_id);
 CREATE TABLE IF NOT EXISTS seen_messages (id TEXT PRIMARY KEY, seen_at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS seen_messages_by_time ON seen_messages (seen_at);
 CREATE TABLE IF NOT EXISTS endpoints (recipient TEXT PRIMARY KEY, url TEXT NOT NULL);
 """
 
@@ -36,6 +37,9 @@ def connect(path: Path) -> sqlite3.Connection:
     return conn
 
 
+SEEN_PRUNE_SECONDS = 10.0
+
+
 class SqliteJobStore:
     """Each query is a short local transaction; conditional writes use `WHERE version = ?`."""
 
@@ -44,6 +48,7 @@ class SqliteJobStore:
         self._conn = connect(path)
         self._lock = threading.Lock()
         self._closed = False
+        self._pruned_at = 0.0
 
     def _execute(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
         with self._lock:
@@ -140,11 +145,18 @@ class SqliteJobStore:
     async def first_sighting(self, message_id: str, window_seconds: float) -> bool:
         now = time.time()
         with self._lock:
-            self._conn.execute("DELETE FROM seen_messages WHERE seen_at < ?", (now - window_seconds,))
+            if now - self._pruned_at > SEEN_PRUNE_SECONDS:  # not on every message: it is the hot path
+                self._conn.execute("DELETE FROM seen_messages WHERE seen_at < ?", (now - window_seconds,))
+                self._pruned_at = now
             cursor = self._conn.execute(
                 "INSERT OR IGNORE INTO seen_messages (id, seen_at) VALUES (?, ?)", (message_id, now)
             )
-        return cursor.rowcount == 1
+            if cursor.rowcount == 1:
+                return True
+            # seen before: a sighting older than the window (not yet pruned) counts as none
+            cursor = self._conn.execute("UPDATE seen_messages SET seen_at = ? WHERE id = ? AND seen_at < ?",
+                                        (now, message_id, now - window_seconds))
+            return cursor.rowcount == 1
 
     async def forget_sighting(self, message_id: str) -> None:
         self._execute("DELETE FROM seen_messages WHERE id = ?", (message_id,))

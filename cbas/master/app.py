@@ -59,7 +59,7 @@ async def token_middleware(request: web.Request, handler: Handler) -> web.Stream
 
 async def receive_message(request: web.Request) -> web.Response:
     master = request.app[MASTER_KEY]
-    message = master.bus.parse_delivery(await request.read())
+    message = await master.bus.receive(await request.read())
     if message is None:
         return web.json_response({"ok": True, "control": True})
     if message.recipient != MASTER:

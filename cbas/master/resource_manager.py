@@ -30,10 +30,22 @@ class ResourceManager:
         self.store = store
         self.cloud = cloud
         self.cluster = cluster
+        # live entries by machine, for the ping path; every ledger write of this master goes
+        # through _put, so once reconcile() has filled it the index is the ledger's truth
+        self._live: dict[str, LedgerEntry] | None = None
+
+    async def _put(self, entry: LedgerEntry) -> LedgerEntry:
+        stored = await self.store.put_ledger(entry)
+        if self._live is not None and stored.instance_id:
+            if stored.state == LedgerState.TERMINATED:
+                self._live.pop(stored.instance_id, None)
+            else:
+                self._live[stored.instance_id] = stored
+        return stored
 
     async def launch(self, job_id: str, placement: Placement, max_price: float | None,
                      disk: DiskSpec | None = None) -> LedgerEntry:
-        entry = await self.store.put_ledger(
+        entry = await self._put(
             LedgerEntry(
                 id="l-" + secrets.token_hex(8), job_id=job_id, market=placement.market,
                 zone=placement.zone, instance_type=placement.instance_type, price=placement.price,
@@ -53,7 +65,7 @@ class ResourceManager:
         return await self._adopt(entry, machine)
 
     async def _adopt(self, entry: LedgerEntry, machine: Machine) -> LedgerEntry:
-        return await self.store.put_ledger(
+        return await self._put(
             entry.model_copy(update={
                 "state": LedgerState.RUNNING, "instance_id": machine.instance_id,
                 # EC2 does not say what a spot machine costs at launch: keep the placement's price
@@ -66,11 +78,13 @@ class ResourceManager:
         cost = 0.0
         if entry.launched_at is not None:
             cost = entry.price * max((now - entry.launched_at).total_seconds(), 0.0) / 3600.0
-        return await self.store.put_ledger(
+        return await self._put(
             entry.model_copy(update={"state": LedgerState.TERMINATED, "terminated_at": now, "cost": cost, "reason": reason})
         )
 
     async def entry_for(self, instance_id: str) -> LedgerEntry | None:
+        if self._live is not None:
+            return self._live.get(instance_id)
         for entry in await self.store.list_ledger(live_only=True):
             if entry.instance_id == instance_id:
                 return entry
@@ -114,4 +128,5 @@ class ResourceManager:
                 await self.cloud.terminate(machine.instance_id)
                 result.strays_terminated.append(machine.instance_id)
                 log.warning("machine.stray_terminated", instance_id=machine.instance_id)
+        self._live = {e.instance_id: e for e in await self.store.list_ledger(live_only=True) if e.instance_id}
         return result

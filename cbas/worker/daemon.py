@@ -55,7 +55,7 @@ class Worker:
     # --- HTTP endpoint ------------------------------------------------------------------------
     async def receive(self, request: web.Request) -> web.Response:
         try:
-            message = self.bus.parse_delivery(await request.read())
+            message = await self.bus.receive(await request.read())
         except InvalidMessage as exc:
             log.warning("message.rejected", reason=str(exc))
             return web.json_response({"error": f"message rejected: {exc}"}, status=403)

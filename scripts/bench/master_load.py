@@ -83,7 +83,7 @@ async def post_all(url: str, bodies: list[bytes], concurrency: int, rate: float 
         await asyncio.gather(*(sender(session) for _ in range(concurrency)))
     if failures:
         raise SystemExit(f"{failures} messages were refused: the benchmark is not measuring what it should")
-    return len(latencies)
+    return sent
 
 
 async def sample_memory(pid: int, samples: list[tuple[float, float]], stop: asyncio.Event) -> None:
