@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import structlog
 
 from cbas.backends import Cloud, JobStore
+from cbas.faults import crash_point
 from cbas.models import DiskSpec, LaunchSpec, LedgerEntry, LedgerState, Machine, utcnow
 from cbas.scheduler.placement import Placement
 
@@ -57,11 +58,13 @@ class ResourceManager:
             max_price=max_price if placement.market == "spot" else None,
             **(disk.model_dump() if disk else {}),
         )
+        crash_point("launch-ledger-written")
         try:
             machine = await self.cloud.launch(spec)
         except Exception as exc:
             await self._close(entry, reason=f"launch failed: {exc}")
             raise
+        crash_point("launch-machine-started")
         return await self._adopt(entry, machine)
 
     async def _adopt(self, entry: LedgerEntry, machine: Machine) -> LedgerEntry:

@@ -24,6 +24,7 @@ from cbas.backends import (
     BlobStore, CapacityError, Cloud, DeliveryError, ImageBuilder, JobStore, MessageBus, MessageRejected, NotFound,
     StaleWrite,
 )
+from cbas.faults import crash_point
 from cbas.master.reaper import GcReport, Reaper
 from cbas.master.resource_manager import ResourceManager
 from cbas.master.scheduler_adapter import SchedulerAdapter
@@ -453,8 +454,7 @@ class Master:
             elif job.state.is_terminal() or job.instance_id != instance_id:
                 await self._release(job.id, instance_id, reason="machine not needed")
             return
-        good = [c.id for c in reversed(await self.store.list_checkpoints(job.id)) if not c.bad]
-        checkpoints = good[: self.settings.checkpoints_kept]  # older ones are garbage-collected
+        checkpoints = await self._restorable(job.id)
         started = await self.transition(
             job.id, JobState.STARTING, instance_id=instance_id, event="starting",
             detail=f"on {instance_id}" + (f", restoring {checkpoints[0]}" if checkpoints else ", fresh start"),
@@ -467,9 +467,17 @@ class Master:
         )
         if started is None:
             return
+        crash_point("start-recorded")
         self.workers.pinged(instance_id)
-        body = StartJob(job_id=job.id, attempt=started.attempt, jdl=started.jdl, checkpoints=checkpoints,
-                        ping_interval=self.settings.ping_interval, prologue_in_image=bool(started.image_id))
+        await self._send_start(started, instance_id, checkpoints)
+
+    async def _restorable(self, job_id: str) -> list[str]:
+        good = [c.id for c in reversed(await self.store.list_checkpoints(job_id)) if not c.bad]
+        return good[: self.settings.checkpoints_kept]  # older ones are garbage-collected
+
+    async def _send_start(self, job: Job, instance_id: str, checkpoints: list[str]) -> None:
+        body = StartJob(job_id=job.id, attempt=job.attempt, jdl=job.jdl, checkpoints=checkpoints,
+                        ping_interval=self.settings.ping_interval, prologue_in_image=bool(job.image_id))
         try:
             await self.bus.send(envelope(MessageType.START_JOB, body, MASTER, worker_address(instance_id)))
         except (DeliveryError, MessageRejected) as exc:
@@ -481,6 +489,12 @@ class Master:
             return  # a late ping from a machine already let go
         self.workers.pinged(ping.instance_id)
         if not ping.job_id:
+            job = await self.store.get_job(entry.job_id)
+            if job.state == JobState.STARTING and job.instance_id == ping.instance_id:
+                # its START_JOB was lost (or the master died before sending it): send it again;
+                # the worker ignores a START_JOB it already has
+                log.info("start.resent", job_id=job.id, instance_id=ping.instance_id, attempt=job.attempt)
+                await self._send_start(job, ping.instance_id, await self._restorable(job.id))
             return
         for bad in ping.bad_checkpoints:
             await self.store.mark_checkpoint_bad(ping.job_id, bad)
@@ -511,6 +525,7 @@ class Master:
             log.info("checkpoint.stale", job_id=job.id, checkpoint=record.id)
             return
         if await self.store.add_checkpoint(record):
+            crash_point("checkpoint-recorded")
             took = record.pause_seconds + record.upload_seconds
             await self.store.mutate_job(job.id, lambda j: j.model_copy(update={
                 "checkpoint_seconds": took if j.checkpoint_seconds is None else 0.5 * (j.checkpoint_seconds + took),
@@ -551,6 +566,7 @@ class Master:
         self.progress.disarm(job_id)
         new = await self.transition(job_id, target, attempt=attempt, event=target.lower(), detail=detail,
                                     update=lambda _: update)
+        crash_point("job-finished-recorded")
         if new is not None and job.instance_id:
             await self._release(job_id, job.instance_id, reason=f"job {target.lower()}")
 

@@ -23,8 +23,9 @@ from cbas import jdl
 from cbas.archive import ArchiveError, Member, pack, unpack
 from cbas.backends import BlobNotFound, BlobStore, VolumeSnapshots
 from cbas.checkpoint.base import CheckpointFailed, JobContext, JobProcess, checkpointer_for
-from cbas.checkpoint.store import ChunkStore, CorruptCheckpoint, Manifest, UnsupportedFile
 from cbas.checkpoint.signalled import CHECKPOINT_EXIT_CODE
+from cbas.checkpoint.store import ChunkStore, CorruptCheckpoint, Manifest, UnsupportedFile
+from cbas.faults import crash_point
 from cbas.messages import (
     MASTER, CheckpointDone, Envelope, JobDone, JobFailed, MessageType, StartJob, envelope, worker_address,
 )
@@ -117,6 +118,7 @@ class JobRun:
             self.process = await self.checkpointer.start(ctx, self._argv(ctx))
             self.phase = "running"
             self.log.info("job.started", pgid=self.process.pgid, restored_from=self.restored_from)
+            crash_point("worker-job-started")
             helpers = [asyncio.create_task(self._checkpoint_timer()), asyncio.create_task(self._log_uploader())]
             try:
                 code = await self._wait(ctx)
@@ -348,6 +350,7 @@ class JobRun:
                     self.store.commit, snapshot, checkpoint_id, self.checkpointer.name, stdout, stderr)
                 size_bytes, new_bytes = manifest.total_bytes, manifest.new_bytes
             upload = time.monotonic() - started
+            crash_point("worker-checkpoint-uploaded")
             if self.description.validate_checkpoint and self.volumes is None \
                     and not await asyncio.to_thread(self._validate, checkpoint_id):
                 return False
@@ -409,6 +412,7 @@ class JobRun:
 
     # --- the end ------------------------------------------------------------------------------
     async def _finish(self, ctx: JobContext, code: int) -> None:
+        crash_point("worker-job-exited")
         missing = await asyncio.to_thread(self._upload_outputs, ctx)
         await asyncio.to_thread(self._upload_logs)
         if code == 0:
