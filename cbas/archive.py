@@ -75,6 +75,8 @@ def _check(member: tarfile.TarInfo, target: Path) -> Path:
     destination = (target / name).resolve()
     if destination != target and target not in destination.parents:
         raise ArchiveError(f"archive member {name!r} leaves the target directory")
+    if member.isfile() and (destination == target or destination.is_dir()):
+        raise ArchiveError(f"archive member {name!r} is a file where a directory is")
     return destination
 
 
@@ -93,7 +95,7 @@ def unpack(source: Path | BinaryIO, target: Path, max_bytes: int = MAX_UNPACKED_
                 names.append(member.name)
                 if member.isdir():
                     destination.mkdir(parents=True, exist_ok=True)
-                    destination.chmod((member.mode & 0o7777) | 0o700)
+                    destination.chmod((member.mode & 0o777) | 0o700)  # never setuid, setgid or sticky
                     continue
                 total += member.size
                 if total > max_bytes:
@@ -104,9 +106,11 @@ def unpack(source: Path | BinaryIO, target: Path, max_bytes: int = MAX_UNPACKED_
                 with open(destination, "wb") as out:
                     while chunk := extracted.read(_CHUNK):
                         out.write(chunk)
-                destination.chmod(member.mode & 0o7777)
+                destination.chmod(member.mode & 0o777)
     except (tarfile.TarError, zstandard.ZstdError, EOFError) as exc:
         raise ArchiveError(f"archive is corrupt: {exc}") from None
+    except (NotADirectoryError, IsADirectoryError, FileExistsError) as exc:  # a file and a folder of one name
+        raise ArchiveError(f"archive members clash: {exc.strerror}: {exc.filename}") from None
     finally:
         if isinstance(source, Path):
             handle.close()

@@ -34,6 +34,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     """Every error becomes a JSON answer with the right status, in this one place."""
     try:
         return await handler(request)
+    except web.HTTPRequestEntityTooLarge:
+        return _error(413, f"body larger than {MAX_BODY} bytes")
     except web.HTTPException:
         raise
     except InvalidMessage as exc:
