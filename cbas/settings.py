@@ -53,6 +53,7 @@ class Settings(BaseSettings):
     log_upload_interval: float = 5.0
     job_user: str = "nobody"  # jobs run as this user when the worker runs as root
     signal_checkpoint_timeout: float = 60.0
+    blob_retry_seconds: float = 120.0  # transient blob store errors are retried this long, then reported
     checkpoints_kept: int = 3  # older checkpoints' manifests and unshared chunks are deleted
     # the reaper: a finished job's files stay this long; anything unclaimed is left alone this long
     retention_days: float = Field(default=7.0, ge=0)

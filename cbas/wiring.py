@@ -35,6 +35,12 @@ def _require_aws(settings: Settings, *names: str) -> None:
 
 
 def open_blobs(settings: Settings) -> BlobStore:
+    from cbas.blob_retry import RetryingBlobStore
+
+    return RetryingBlobStore(_open_blobs(settings), budget_seconds=settings.blob_retry_seconds)
+
+
+def _open_blobs(settings: Settings) -> BlobStore:
     if settings.backend == "aws":
         import boto3
 

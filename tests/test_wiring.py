@@ -15,7 +15,7 @@ from cbas.wiring import BackendUnavailable, open_blobs, open_bus, open_master_ba
 
 
 def test_local_is_the_default(tmp_path: Path) -> None:
-    assert isinstance(open_blobs(Settings(home=tmp_path)), FolderBlobStore)
+    assert isinstance(open_blobs(Settings(home=tmp_path)).inner, FolderBlobStore)  # type: ignore[attr-defined]
 
 
 def test_aws_needs_its_resources_named(tmp_path: Path) -> None:
@@ -35,7 +35,7 @@ def test_aws_backends_from_settings(tmp_path: Path) -> None:
         settings = Settings(home=tmp_path, backend="aws", aws_bucket="cbas-bucket",
                             aws_topic_arn="arn:aws:sns:us-east-1:1:t", aws_table="cbas", aws_image_id="ami-1",
                             public_url="https://master.example", aws_worker_wheel=wheel, job_user="cbas-job")
-        assert isinstance(open_blobs(settings), S3BlobStore)
+        assert isinstance(open_blobs(settings).inner, S3BlobStore)  # type: ignore[attr-defined]
         assert isinstance(open_bus(settings), SnsMessageBus)
         backends = open_master_backends(settings)
         assert backends.store.table_name == "cbas"  # type: ignore[attr-defined]

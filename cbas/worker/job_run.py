@@ -24,7 +24,7 @@ from cbas.archive import ArchiveError, Member, pack, unpack
 from cbas.backends import BlobNotFound, BlobStore, VolumeSnapshots
 from cbas.checkpoint.base import CheckpointFailed, JobContext, JobProcess, checkpointer_for
 from cbas.checkpoint.signalled import CHECKPOINT_EXIT_CODE
-from cbas.checkpoint.store import ChunkStore, CorruptCheckpoint, Manifest, UnsupportedFile
+from cbas.checkpoint.store import ChunkStore, CorruptCheckpoint, Manifest, Snapshot, UnsupportedFile
 from cbas.faults import crash_point
 from cbas.messages import (
     MASTER, CheckpointDone, Envelope, JobDone, JobFailed, MessageType, StartJob, envelope, worker_address,
@@ -144,7 +144,7 @@ class JobRun:
             return
         self.phase = "finishing"
         tail = _tail(self.root / "stderr", STDERR_TAIL_LINES)
-        await asyncio.to_thread(self._upload_logs)
+        await self._upload_logs_quietly()
         await self.deliver(self._message(MessageType.JOB_FAILED, JobFailed(
             job_id=self.job_id, attempt=self.start.attempt, exit_code=code, reason=reason, stderr_tail=tail)))
         self.phase = "done"
@@ -187,10 +187,18 @@ class JobRun:
         self.cache_dir.mkdir(mode=0o711, exist_ok=True)
         for name, target in (("input", self.root / "work"), ("prologue", self.root / "prologue")):
             key = f"jobs/{self.job_id}/{name}.tar.zst"
-            if not self.blobs.exists(key):
-                continue
+            try:
+                if not self.blobs.exists(key):
+                    continue
+            except Exception as exc:
+                raise PrepareFailed(f"the blob store cannot be reached for the {name} sandbox: {exc}") from None
             archive = self.root / "scratch" / f"{name}.tar.zst"
-            self.blobs.get_file(key, archive)
+            try:
+                self.blobs.get_file(key, archive)
+            except BlobNotFound:
+                raise
+            except Exception as exc:  # retried within the blob store's budget already
+                raise PrepareFailed(f"the {name} sandbox could not be downloaded: {exc}") from None
             try:
                 unpack(archive, target)
             except ArchiveError as exc:
@@ -300,7 +308,14 @@ class JobRun:
     async def _log_uploader(self) -> None:
         while True:
             await asyncio.sleep(self.settings.log_upload_interval)
+            await self._upload_logs_quietly()
+
+    async def _upload_logs_quietly(self) -> None:
+        """Logs are uploaded again and again: one failed upload is only worth a warning."""
+        try:
             await asyncio.to_thread(self._upload_logs)
+        except Exception as exc:
+            self.log.warning("logs.upload_failed", error=str(exc))
 
     def _upload_logs(self) -> None:
         for name in ("stdout", "stderr"):
@@ -329,7 +344,7 @@ class JobRun:
                         snapshot = await asyncio.to_thread(
                             self.store.snapshot, self.checkpointer.state_dir(ctx), self.root / "staging",
                             self.checkpointer.exclude)
-            except (CheckpointFailed, UnsupportedFile) as exc:
+            except Exception as exc:  # the strategy, the files or the blob store: this one does not count
                 self.log.warning("checkpoint.failed", reason=reason, error=str(exc))
                 return False
             pause = time.monotonic() - started
@@ -337,38 +352,47 @@ class JobRun:
                 self.stopping = True
                 process.kill()
             started = time.monotonic()
-            await asyncio.to_thread(self._upload_logs)
-            if isinstance(snapshot, str):
-                try:
-                    await asyncio.to_thread(self.volumes.wait, snapshot)  # type: ignore[union-attr]
-                except Exception as exc:
-                    self.log.warning("checkpoint.failed", reason=reason, snapshot=snapshot, error=str(exc))
-                    return False
-                size_bytes = new_bytes = await asyncio.to_thread(tree_size, self.root)
-            else:
-                manifest = await asyncio.to_thread(
-                    self.store.commit, snapshot, checkpoint_id, self.checkpointer.name, stdout, stderr)
-                size_bytes, new_bytes = manifest.total_bytes, manifest.new_bytes
-            upload = time.monotonic() - started
-            crash_point("worker-checkpoint-uploaded")
-            if self.description.validate_checkpoint and self.volumes is None \
-                    and not await asyncio.to_thread(self._validate, checkpoint_id):
+            try:
+                return await self._store_checkpoint(
+                    checkpoint_id, snapshot, reason, final, deadline, stdout, stderr, pause, started)
+            except Exception as exc:  # the blob store gave up: this checkpoint does not count
+                self.log.warning("checkpoint.failed", checkpoint=checkpoint_id, reason=reason, error=str(exc))
                 return False
-            margin = None if deadline is None else deadline - time.time()
-            self.log.info("checkpoint.uploaded", checkpoint=checkpoint_id, reason=reason, bytes=size_bytes,
-                          new_bytes=new_bytes, pause=round(pause, 3), upload=round(upload, 3),
-                          deadline_margin=None if margin is None else round(margin, 3))
-            if margin is not None and margin < 0:
-                self.log.error("checkpoint.missed_notice_deadline", checkpoint=checkpoint_id, late_by=round(-margin, 3))
-            delivered = await self.deliver(self._message(MessageType.CHECKPOINT_DONE, CheckpointDone(
-                job_id=self.job_id, attempt=self.start.attempt, checkpoint_id=checkpoint_id,
-                manifest_key="" if isinstance(snapshot, str) else self.store.manifest_key(checkpoint_id),
-                size_bytes=size_bytes, new_bytes=new_bytes, pause_seconds=pause,
-                upload_seconds=upload, reason=reason, final=final, deadline_margin_seconds=margin,
-                snapshot_id=snapshot if isinstance(snapshot, str) else None)))
-            if delivered and not final and self.volumes is None:
+
+    async def _store_checkpoint(self, checkpoint_id: str, snapshot: Snapshot | str, reason: str, final: bool,
+                                deadline: float | None, stdout: int, stderr: int, pause: float, started: float) -> bool:
+        """Upload (chunks, then the manifest that makes it a checkpoint) and report it."""
+        await asyncio.to_thread(self._upload_logs)
+        if isinstance(snapshot, str):
+            await asyncio.to_thread(self.volumes.wait, snapshot)  # type: ignore[union-attr]
+            size_bytes = new_bytes = await asyncio.to_thread(tree_size, self.root)
+        else:
+            manifest = await asyncio.to_thread(
+                self.store.commit, snapshot, checkpoint_id, self.checkpointer.name, stdout, stderr)
+            size_bytes, new_bytes = manifest.total_bytes, manifest.new_bytes
+        upload = time.monotonic() - started
+        crash_point("worker-checkpoint-uploaded")
+        if self.description.validate_checkpoint and self.volumes is None \
+                and not await asyncio.to_thread(self._validate, checkpoint_id):
+            return False
+        margin = None if deadline is None else deadline - time.time()
+        self.log.info("checkpoint.uploaded", checkpoint=checkpoint_id, reason=reason, bytes=size_bytes,
+                      new_bytes=new_bytes, pause=round(pause, 3), upload=round(upload, 3),
+                      deadline_margin=None if margin is None else round(margin, 3))
+        if margin is not None and margin < 0:
+            self.log.error("checkpoint.missed_notice_deadline", checkpoint=checkpoint_id, late_by=round(-margin, 3))
+        delivered = await self.deliver(self._message(MessageType.CHECKPOINT_DONE, CheckpointDone(
+            job_id=self.job_id, attempt=self.start.attempt, checkpoint_id=checkpoint_id,
+            manifest_key="" if isinstance(snapshot, str) else self.store.manifest_key(checkpoint_id),
+            size_bytes=size_bytes, new_bytes=new_bytes, pause_seconds=pause,
+            upload_seconds=upload, reason=reason, final=final, deadline_margin_seconds=margin,
+            snapshot_id=snapshot if isinstance(snapshot, str) else None)))
+        if delivered and not final and self.volumes is None:
+            try:
                 await asyncio.to_thread(self._collect_garbage)
-            return delivered
+            except Exception as exc:  # old checkpoints stay a while longer; the next pass retries
+                self.log.warning("checkpoint.collect_failed", error=str(exc))
+        return delivered
 
     def _snapshot_volume(self, checkpoint_id: str) -> str:
         assert self.volumes is not None
@@ -413,8 +437,12 @@ class JobRun:
     # --- the end ------------------------------------------------------------------------------
     async def _finish(self, ctx: JobContext, code: int) -> None:
         crash_point("worker-job-exited")
-        missing = await asyncio.to_thread(self._upload_outputs, ctx)
-        await asyncio.to_thread(self._upload_logs)
+        try:
+            missing = await asyncio.to_thread(self._upload_outputs, ctx)
+        except Exception as exc:  # retried within the blob store's budget already
+            await self._fail(code, f"the job ended (exit code {code}) but its output could not be uploaded: {exc}")
+            return
+        await self._upload_logs_quietly()
         if code == 0:
             self.log.info("job.done", missing_outputs=missing)
             await self.deliver(self._message(MessageType.JOB_DONE, JobDone(
