@@ -122,6 +122,7 @@ class Master:
             asyncio.create_task(self._loop(self.schedule, self.settings.schedule_interval), name="scheduler"),
             asyncio.create_task(self._loop(self.check_workers, min(self.settings.ping_interval / 2, 5.0)), name="pings"),
             asyncio.create_task(self._loop(self.prune_endpoints, 60.0), name="endpoints"),
+            asyncio.create_task(self._loop(self.release_unneeded, 30.0), name="release"),
             asyncio.create_task(self._loop(self.collect_garbage, self.settings.reaper_interval), name="reaper"),
         ]
         self.kick()
@@ -165,12 +166,10 @@ class Master:
         result = await self.resources.reconcile()
         for entry in result.adopted:
             self.workers.launched(entry.instance_id or "")
+        await self.release_unneeded()
         live = {entry.instance_id: entry for entry in await self.store.list_ledger(live_only=True)}
         for job in await self.store.list_jobs():
             if job.state.is_terminal():
-                for instance_id, entry in live.items():
-                    if entry.job_id == job.id and instance_id:
-                        await self.resources.terminate(instance_id, reason=f"job already {job.state}")
                 continue
             if job.state.has_machine():
                 if job.instance_id in live:
@@ -183,6 +182,23 @@ class Master:
         await self.prune_endpoints()
         log.info("master.recovered", adopted=len(result.adopted), vanished=len(result.vanished),
                  strays=len(result.strays_terminated))
+
+    async def release_unneeded(self) -> None:
+        """Machines still held for finished jobs, or for jobs now on another machine: let them go.
+        A termination that failed (the cloud erred) is retried here until it works."""
+        for entry in await self.store.list_ledger(live_only=True):
+            if not entry.instance_id:
+                continue  # a launch under way
+            try:
+                job = await self.store.get_job(entry.job_id)
+            except NotFound:
+                job = None
+            moved = job is not None and job.state.has_machine() and job.instance_id not in (None, entry.instance_id)
+            if job is None:
+                await self.resources.terminate(entry.instance_id, reason="job unknown")
+            elif job.state.is_terminal() or moved:
+                why = "job moved to another machine" if moved else f"job {job.state.lower()}"
+                await self._release(job.id, entry.instance_id, reason=why)
 
     async def prune_endpoints(self) -> None:
         """Stale endpoints: subscriptions of workers whose machines no longer exist."""
