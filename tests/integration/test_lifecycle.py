@@ -41,6 +41,9 @@ def test_a_job_completes_and_its_output_can_be_fetched(cluster: Cluster) -> None
     assert job_id in table.stdout and "COMPLETED" in table.stdout
     assert job["cost_so_far"] > 0
     cluster.assert_nothing_left()
+    secrets = [(cluster.home / "api-token").read_bytes().strip(), (cluster.home / "bus.key").read_bytes().strip()]
+    logs = [p.read_bytes() for p in [*cluster.home.glob("*.log"), *cluster.home.glob("machines/*/console.log")]]
+    assert logs and not any(secret in log for secret in secrets for log in logs)  # no secret in any log
 
 
 def test_a_job_preempted_twice_resumes_from_its_checkpoints(cluster: Cluster) -> None:
