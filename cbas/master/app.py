@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hmac
 import json
+import time
 from typing import Any, Awaitable, Callable
 
 import structlog
@@ -12,6 +13,7 @@ from aiohttp import web
 from cbas import __version__
 from cbas.backends import InvalidMessage, NotFound, StaleWrite
 from cbas.master.handlers import registry
+from cbas.master.metrics import CONTENT_TYPE
 from cbas.master.service import BadRequest, Master
 from cbas.messages import MASTER, UnroutableMessage
 from cbas.state import JobState
@@ -39,6 +41,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except web.HTTPException:
         raise
     except InvalidMessage as exc:
+        request.app[MASTER_KEY].metrics.rejected.inc()
         log.warning("message.rejected", reason=str(exc), peer=request.remote)
         return _error(403, f"message rejected: {exc}")
     except (UnroutableMessage, BadRequest) as exc:
@@ -51,7 +54,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 @web.middleware
 async def token_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    if request.path.startswith("/api/") and request.path != "/api/health":
+    if (request.path.startswith("/api/") and request.path != "/api/health") or request.path == "/metrics":
         given = request.headers.get("Authorization", "")
         expected = "Bearer " + request.app[TOKEN_KEY]
         if not hmac.compare_digest(given.encode(), expected.encode()):
@@ -69,8 +72,10 @@ async def receive_message(request: web.Request) -> web.Response:
     structlog.contextvars.clear_contextvars()
     if not await master.store.first_sighting(message.id, master.settings.seen_message_window):
         return web.json_response({"ok": True, "duplicate": True})
+    began = time.perf_counter()
     try:
         await registry.dispatch(master, message)
+        master.metrics.messages.labels(type=message.type.value).observe(time.perf_counter() - began)
     except Exception:
         # not handled: a redelivery must be processed, not dropped as a duplicate
         await master.store.forget_sighting(message.id)
@@ -114,6 +119,11 @@ async def get_job(request: web.Request) -> web.Response:
     return web.json_response(view)
 
 
+async def metrics(request: web.Request) -> web.Response:
+    master = request.app[MASTER_KEY]
+    return web.Response(body=await master.metrics.render(master.store), headers={"Content-Type": CONTENT_TYPE})
+
+
 async def collect_garbage(request: web.Request) -> web.Response:
     payload = await _json(request)
     dry_run = payload.get("dry_run", False)
@@ -145,4 +155,5 @@ def create_app(master: Master, token: str) -> web.Application:
     app.router.add_get("/api/jobs", list_jobs)
     app.router.add_get("/api/jobs/{job_id}", get_job)
     app.router.add_post("/api/gc", collect_garbage)
+    app.router.add_get("/metrics", metrics)
     return app

@@ -25,6 +25,7 @@ from cbas.backends import (
     StaleWrite,
 )
 from cbas.faults import crash_point
+from cbas.master.metrics import Metrics
 from cbas.master.reaper import GcReport, Reaper
 from cbas.master.resource_manager import ResourceManager
 from cbas.master.scheduler_adapter import SchedulerAdapter
@@ -98,6 +99,7 @@ class Master:
         self.bus = backends.bus
         self.cloud = backends.cloud
         self.images = backends.images
+        self.metrics = Metrics()
         self.resources = ResourceManager(self.store, self.cloud, settings.cluster)
         self.reaper = Reaper(self.store, self.cloud, self.blobs, self.bus,
                              retention=timedelta(days=settings.retention_days),
@@ -484,6 +486,8 @@ class Master:
         if started is None:
             return
         crash_point("start-recorded")
+        if started.attempt > 1:
+            self.metrics.restarts.inc()
         self.workers.pinged(instance_id)
         await self._send_start(started, instance_id, checkpoints)
 
@@ -543,6 +547,8 @@ class Master:
         if await self.store.add_checkpoint(record):
             crash_point("checkpoint-recorded")
             took = record.pause_seconds + record.upload_seconds
+            self.metrics.checkpoint_seconds.observe(took)
+            self.metrics.checkpoint_bytes.observe(record.new_bytes)
             await self.store.mutate_job(job.id, lambda j: j.model_copy(update={
                 "checkpoint_seconds": took if j.checkpoint_seconds is None else 0.5 * (j.checkpoint_seconds + took),
                 "last_checkpoint_at": record.created_at,
@@ -611,6 +617,8 @@ class Master:
         """The job's machine is gone or going: release it and queue the job again."""
         await self._restart_elsewhere(job_id, instance_id, reason, event="preempted" if spot else "machine-lost",
                                       update=lambda j: {"preemptions": j.preemptions + (1 if spot else 0)})
+        if spot:
+            self.metrics.preemptions.inc()
 
     async def fall_back(self, job: Job, reason: str) -> None:
         """A restart from a checkpoint failed or stalled: never use that checkpoint again."""

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,16 @@ def fetch_output(cluster: Cluster, job_id: str) -> Path:
     result = cluster.cli("fetch", job_id, "-o", str(out))
     assert result.returncode == 0, result.stderr
     return out
+
+
+def scrape_metrics(cluster: Cluster) -> dict[str, float]:
+    url = json.loads((cluster.home / "master.json").read_text())["url"] + "/metrics"
+    token = (cluster.home / "api-token").read_text().strip()
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        text = response.read().decode()
+    return {line.rsplit(" ", 1)[0]: float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+            if line and not line.startswith("#")}
 
 
 def test_a_job_completes_and_its_output_can_be_fetched(cluster: Cluster) -> None:
@@ -71,6 +83,9 @@ def test_a_job_preempted_twice_resumes_from_its_checkpoints(cluster: Cluster) ->
     resumed = [int(n) for n in re.findall(r"resuming at (\d+)", (out / "stdout").read_text())]
     assert len(resumed) == 2 and 0 < resumed[0] < resumed[1] < 250  # never from zero
     assert job["restored_from"] is not None
+    metrics = scrape_metrics(cluster)
+    assert metrics["cbas_preemptions_total"] == 2 and metrics["cbas_restarts_total"] == 2
+    assert metrics["cbas_checkpoint_seconds_count"] >= 2 and metrics['cbas_jobs{state="COMPLETED"}'] == 1
     cluster.assert_nothing_left()
 
 
