@@ -81,12 +81,20 @@ def cli(ctx: click.Context, home: Path | None, backend: str | None) -> None:
 @click.argument("jdl_file", type=click.Path(path_type=Path))
 @click.option("--backend", type=click.Choice(["local", "aws"]), help="Backend for this submission.")
 @click.option("--quiet", "-q", is_flag=True, help="Print only the job id.")
+@click.option("--wait", "-w", is_flag=True,
+              help="Follow the job to its end, then fetch its output (exit 0 only if it completed).")
+@click.option("-o", "--output", type=click.Path(path_type=Path),
+              help="With --wait: folder for the output (default ./<job id>).")
 @click.pass_context
-def submit(ctx: click.Context, jdl_file: Path, backend: str | None, quiet: bool) -> None:
+def submit(ctx: click.Context, jdl_file: Path, backend: str | None, quiet: bool, wait: bool,
+           output: Path | None) -> None:
     """Submit the job described by JDL_FILE and print its id.
 
     Every file the JDL names (Executable, Prologue, InputSandbox) is checked before anything is
-    uploaded. Example: cbas submit examples/counter/counter.jdl
+    uploaded. With --wait, follow the job (each change of state is printed) and fetch its output
+    when it ends; Ctrl-C stops following, not the job.
+
+    Example: cbas submit examples/counter/counter.jdl --wait -o results/
     """
     from cbas.frontend import SubmitError, submit as do_submit
 
@@ -107,6 +115,25 @@ def submit(ctx: click.Context, jdl_file: Path, backend: str | None, quiet: bool)
         click.echo(job_id)  # scripts get the bare id
     else:
         console.print(f"submitted job [bold]{job_id}[/bold]  (follow it with: cbas status {job_id})")
+    if wait:
+        ctx.invoke(fetch, job_id=job_id, output=output, wait=True)
+
+
+def _follow(client: MasterClient, job_id: str, interval: float = 1.0) -> dict[str, Any]:
+    """Poll a job until it ends, printing each new event to stderr; returns the finished job."""
+    shown = 0
+    try:
+        while True:
+            job = api_call(client.job, job_id)
+            for event in job["events"][shown:]:
+                err_console.print(f"{event['at'][11:19]}  {event['kind']:<14} {event['detail']}", highlight=False)
+            shown = len(job["events"])
+            if job["state"] in ("COMPLETED", "FAILED", "CANCELLED"):
+                return job
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        err_console.print(f"stopped following; job {job_id} goes on (cbas status {job_id})")
+        sys.exit(130)
 
 
 def _duration(seconds: float) -> str:
@@ -249,8 +276,9 @@ def gc(ctx: click.Context, dry_run: bool) -> None:
 @cli.command()
 @click.argument("job_id")
 @click.option("-o", "--output", type=click.Path(path_type=Path), help="Folder to write to (default ./<job id>).")
+@click.option("--wait", "-w", is_flag=True, help="Wait for the job to end first, printing its events.")
 @click.pass_context
-def fetch(ctx: click.Context, job_id: str, output: Path | None) -> None:
+def fetch(ctx: click.Context, job_id: str, output: Path | None, wait: bool) -> None:
     """Download a finished job's output sandbox and its stdout and stderr.
 
     Example: cbas fetch 3f9a1c2e -o results/
@@ -258,7 +286,8 @@ def fetch(ctx: click.Context, job_id: str, output: Path | None) -> None:
     from cbas.frontend import fetch as do_fetch
 
     settings = settings_of(ctx)
-    job = api_call(api_call(MasterClient, settings).job, job_id)
+    client = api_call(MasterClient, settings)
+    job = _follow(client, job_id) if wait else api_call(client.job, job_id)
     if job["state"] not in ("COMPLETED", "FAILED", "CANCELLED"):
         fail(f"job {job_id} is {job['state']}; its output can be fetched once it has finished", 1)
     target = output or Path(job_id)

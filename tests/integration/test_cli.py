@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.integration.conftest import CALM, Cluster
+from tests.integration.conftest import CALM, Cluster, expected_counter
 
 pytestmark = pytest.mark.integration
 
@@ -86,6 +86,25 @@ def test_logs_follow_prints_until_the_job_ends(cluster: Cluster) -> None:
     assert followed.stdout.startswith("starting: counting to 40")
     assert followed.stdout.rstrip().endswith("done: counted to 40")
     assert cluster.job(job_id)["state"] == "COMPLETED"
+
+
+def test_submit_wait_follows_the_job_and_fetches_its_output(cluster: Cluster) -> None:
+    cluster.market(CALM)
+    cluster.start_master()
+    out = cluster.home / "results"
+    done = cluster.cli("submit", "-q", "--wait", "-o", str(out), str(cluster.job_dir("waited", n=20, delay=0.02)))
+    assert done.returncode == 0, done.stderr
+    job_id = done.stdout.split()[0]
+    assert cluster.job(job_id)["state"] == "COMPLETED"
+    assert (out / "output.txt").read_text() == expected_counter(20)
+    assert "queued" in done.stderr and "completed" in done.stderr  # the events as they came
+    failing = cluster.job_dir("failing", n=5, delay=0.01).read_text().replace('"5 input.txt"', '"5 missing.txt"')
+    (cluster.home / "failing.jdl").write_text(failing)
+    shutil.copy(cluster.home / "jobs-src" / "failing" / "counter.sh", cluster.home)
+    shutil.copy(cluster.home / "jobs-src" / "failing" / "input.txt", cluster.home)
+    failed = cluster.cli("submit", "-q", "--wait", "-o", str(cluster.home / "failed"), str(cluster.home / "failing.jdl"))
+    assert failed.returncode == 1 and "failed" in failed.stderr  # scripts can rely on it
+    assert (cluster.home / "failed" / "stderr").exists()  # what it said is fetched too
 
 
 def test_bench_runs_a_benchmark_script(tmp_path) -> None:
