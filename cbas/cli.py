@@ -425,5 +425,19 @@ def bench(name: str, args: tuple[str, ...]) -> None:
     sys.exit(subprocess.call([sys.executable, str(script), *args]))
 
 
+@cli.command()
+@click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
+def completion(shell: str) -> None:
+    """Print the shell completion script for SHELL (commands, options and their values).
+
+    Example: cbas completion bash >> ~/.bashrc   (or: eval "$(cbas completion bash)")
+    """
+    from click.shell_completion import get_completion_class
+
+    completer = get_completion_class(shell)
+    assert completer is not None
+    click.echo(completer(cli, {}, "cbas", "_CBAS_COMPLETE").source())
+
+
 def main() -> None:
     cli(obj={})

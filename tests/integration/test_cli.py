@@ -107,6 +107,15 @@ def test_submit_wait_follows_the_job_and_fetches_its_output(cluster: Cluster) ->
     assert (cluster.home / "failed" / "stderr").exists()  # what it said is fetched too
 
 
+def test_shell_completion_completes_commands() -> None:
+    script = subprocess.run([sys.executable, "-m", "cbas", "completion", "bash"], capture_output=True, text=True)
+    assert script.returncode == 0 and "_CBAS_COMPLETE=bash_complete" in script.stdout
+    env = {"_CBAS_COMPLETE": "bash_complete", "COMP_WORDS": "cbas sub", "COMP_CWORD": "1", "PATH": "/usr/bin:/bin"}
+    completed = subprocess.run([sys.executable, "-c", "from cbas.cli import cli; cli(prog_name='cbas')"],
+                               capture_output=True, text=True, env=env)
+    assert "plain,submit" in completed.stdout.splitlines()
+
+
 def test_bench_runs_a_benchmark_script(tmp_path) -> None:
     from tests.tracefiles import write_trace
 
