@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import time
@@ -11,7 +12,8 @@ import structlog
 from aiohttp import web
 
 from cbas import __version__
-from cbas.backends import InvalidMessage, NotFound, StaleWrite
+from cbas.backends import BlobNotFound, InvalidMessage, NotFound, StaleWrite
+from cbas.master.dashboard import add_dashboard, dashboard_token
 from cbas.master.handlers import registry
 from cbas.master.metrics import CONTENT_TYPE
 from cbas.master.service import BadRequest, Master
@@ -57,7 +59,10 @@ async def token_middleware(request: web.Request, handler: Handler) -> web.Stream
     if (request.path.startswith("/api/") and request.path != "/api/health") or request.path == "/metrics":
         given = request.headers.get("Authorization", "")
         expected = "Bearer " + request.app[TOKEN_KEY]
-        if not hmac.compare_digest(given.encode(), expected.encode()):
+        # the dashboard's pages read the API with their cookie (reads only: no cross-site writes)
+        cookie = dashboard_token(request) if request.method == "GET" else None
+        if not (hmac.compare_digest(given.encode(), expected.encode())
+                or (cookie is not None and hmac.compare_digest(cookie.encode(), request.app[TOKEN_KEY].encode()))):
             return _error(401, "missing or wrong API token (see <CBAS_HOME>/api-token)")
     return await handler(request)
 
@@ -133,6 +138,36 @@ async def collect_garbage(request: web.Request) -> web.Response:
     return web.json_response({"dry_run": report.dry_run, "removed": report.removed, "failed": report.failed})
 
 
+async def job_log(request: web.Request) -> web.Response:
+    master = request.app[MASTER_KEY]
+    job = await master.store.get_job(request.match_info["job_id"])
+    stream = request.match_info["stream"]
+    if stream not in ("stdout", "stderr"):
+        raise NotFound(f"no log {stream!r}: stdout or stderr")
+    try:
+        data = await asyncio.to_thread(master.blobs.get_bytes, f"jobs/{job.id}/logs/{stream}")
+    except BlobNotFound:
+        data = b""
+    return web.Response(body=data, content_type="text/plain", charset="utf-8")
+
+
+async def job_output(request: web.Request) -> web.StreamResponse:
+    master = request.app[MASTER_KEY]
+    job = await master.store.get_job(request.match_info["job_id"])
+    try:
+        data = await asyncio.to_thread(master.blobs.get_bytes, f"jobs/{job.id}/output.tar.zst")
+    except BlobNotFound:
+        raise NotFound(f"job {job.id} has no output (yet)") from None
+    return web.Response(body=data, content_type="application/zstd", headers={
+        "Content-Disposition": f'attachment; filename="{job.id}-output.tar.zst"'})
+
+
+async def machines(request: web.Request) -> web.Response:
+    master = request.app[MASTER_KEY]
+    held = [e.model_dump(mode="json") for e in await master.store.list_ledger(live_only=True)]
+    return web.json_response({"machines": held, "offers": [o.model_dump(mode="json") for o in master.offers]})
+
+
 async def _json(request: web.Request) -> dict[str, Any]:
     if not request.can_read_body:
         return {}
@@ -156,4 +191,8 @@ def create_app(master: Master, token: str) -> web.Application:
     app.router.add_get("/api/jobs/{job_id}", get_job)
     app.router.add_post("/api/gc", collect_garbage)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/api/jobs/{job_id}/logs/{stream}", job_log)
+    app.router.add_get("/api/jobs/{job_id}/output", job_output)
+    app.router.add_get("/api/machines", machines)
+    add_dashboard(app)
     return app

@@ -32,7 +32,7 @@ from cbas.master.scheduler_adapter import SchedulerAdapter
 from cbas.master.timers import Deadlines
 from cbas.master.worker_manager import WorkerManager
 from cbas.messages import MASTER, CheckpointNow, Envelope, MessageType, Ping, StartJob, StopJob, envelope, worker_address
-from cbas.models import CheckpointRecord, DiskSpec, Job, JobEvent, LedgerEntry, utcnow
+from cbas.models import CheckpointRecord, DiskSpec, Job, JobEvent, LedgerEntry, Offer, utcnow
 from cbas.settings import Settings
 from cbas.state import JobState, can_transition
 
@@ -115,6 +115,8 @@ class Master:
         self._building: dict[str, asyncio.Task[None]] = {}  # job id -> its image build
         self._image_noted: set[str] = set()
         self._snapshots_dropped: set[str] = set()
+        self.offers: list[Offer] = []  # the market as the last scheduling pass saw it
+        self.ondemand_prices: dict[str, float] = {}
 
     # --- lifecycle ------------------------------------------------------------------------
     async def start(self) -> None:
@@ -322,6 +324,8 @@ class Master:
     async def schedule(self) -> None:
         """One pass over queued and running jobs together, least slack first."""
         offers = await self.cloud.offers()
+        self.offers = offers
+        self.ondemand_prices.update({o.instance_type: o.ondemand_price for o in offers})
         self.adapter.observe(offers)  # every pass: the market's history informs later choices
         jobs = await self.store.list_jobs({JobState.QUEUED, JobState.RUNNING})
         if not jobs:
@@ -653,4 +657,13 @@ class Master:
             runtime += (utcnow() - job.running_since).total_seconds()
         view["runtime_seconds"] = runtime
         view["cost_so_far"] = job.cost + await self.resources.machine_cost_so_far(job.id)
+        description = describe(job.jdl) if job.jdl else None
+        view["deadline_at"] = (jdl.parse_deadline(description.deadline, job.submitted_at).isoformat()
+                               if description and description.deadline else None)
+        expected = description.runtime_hours() if description else None
+        view["progress"] = (1.0 if job.state == JobState.COMPLETED else
+                            min(runtime / 3600.0 / expected, 0.99) if expected else None)
+        types = [e.instance_type for e in await self.store.list_ledger(live_only=False) if e.job_id == job.id]
+        price = self.ondemand_prices.get(types[-1]) if types else None
+        view["ondemand_cost"] = runtime / 3600.0 * price if price else None  # the same hours on demand
         return view
