@@ -319,7 +319,8 @@ def master(ctx: click.Context, port: int | None, trace: Path | None) -> None:
     settings = settings.model_copy(update=updates)
     logs.configure(json=True, level=settings.log_level)
     try:
-        asyncio.run(serve(settings, on_ready=lambda url: err_console.print(f"master listening on {url}")))
+        asyncio.run(serve(settings, on_ready=lambda url: err_console.print(
+            f"master listening on {url}; dashboard at {url}/ (sign in with {settings.home}/api-token)")))
     except MasterAlreadyRunning as exc:
         fail(str(exc), 3)
     except BackendUnavailable as exc:
