@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
+import subprocess
 import sys
 import time
 from datetime import datetime
@@ -249,6 +252,52 @@ def cancel(ctx: click.Context, job_id: str) -> None:
     console.print(f"cancelling {job_id}")
 
 
+def _detach_master(settings: Settings, args: list[str], timeout: float = 30.0) -> int:
+    """Start `cbas <args>` (the master) in its own session and wait until it has written master.json."""
+    from cbas.master.daemon import master_file_info
+    from cbas.wiring import master_file
+
+    settings.home.mkdir(parents=True, exist_ok=True)
+    with open(settings.home / "master.log", "ab") as log:
+        child = subprocess.Popen([sys.executable, "-m", "cbas", *args], stdin=subprocess.DEVNULL, stdout=log,
+                                 stderr=subprocess.STDOUT, start_new_session=True,
+                                 env={**os.environ, "CBAS_HOME": str(settings.home)})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = master_file_info(master_file(settings))
+        if info and info.get("pid") == child.pid:
+            console.print(f"master running (pid {child.pid}) at {info['url']}; dashboard at {info['url']}/; "
+                          f"log in {settings.home / 'master.log'}")
+            return 0
+        if child.poll() is not None:
+            err_console.print(f"[red]the master did not start[/] (exit code {child.returncode}); "
+                              f"see {settings.home / 'master.log'}")
+            return child.returncode or 3
+        time.sleep(0.1)
+    err_console.print(f"[red]the master did not answer within {timeout:.0f}s[/]; see {settings.home / 'master.log'}")
+    return 3
+
+
+def _stop_master(settings: Settings, timeout: float = 30.0) -> int:
+    from cbas.master.daemon import master_file_info
+    from cbas.wiring import master_file
+
+    info = master_file_info(master_file(settings))
+    if info is None:
+        err_console.print(f"no master is running for {settings.home}")
+        return 3
+    pid = int(info["pid"])  # type: ignore[call-overload]
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and master_file(settings).exists():
+        time.sleep(0.1)
+    if master_file(settings).exists():
+        err_console.print(f"[red]master {pid} did not stop within {timeout:.0f}s[/]")
+        return 1
+    console.print(f"master {pid} stopped; its jobs go on")
+    return 0
+
+
 @cli.command()
 @click.option("--dry-run", is_flag=True, help="Only list what would be removed.")
 @click.pass_context
@@ -301,16 +350,23 @@ def fetch(ctx: click.Context, job_id: str, output: Path | None, wait: bool) -> N
 @click.option("--port", type=int, help="Port to listen on (default: any free port).")
 @click.option("--trace", type=click.Path(path_type=Path, exists=True, dir_okay=False),
               help="Replay this spot market trace (CSV or CSV.GZ) instead of the built-in market model.")
+@click.option("--detach", "-d", is_flag=True,
+              help="Start in the background (its log in <CBAS_HOME>/master.log) and return once it answers.")
+@click.option("--stop", is_flag=True, help="Stop the running master (its jobs go on) and return once it has.")
 @click.pass_context
-def master(ctx: click.Context, port: int | None, trace: Path | None) -> None:
+def master(ctx: click.Context, port: int | None, trace: Path | None, detach: bool, stop: bool) -> None:
     """Run the master daemon (until SIGTERM or Ctrl-C). Jobs keep running while it is stopped.
 
-    Example: cbas master --trace spot-trace.csv.gz
+    Example: cbas master --detach   (later: cbas master --stop)
     """
     from cbas.master.daemon import MasterAlreadyRunning, serve
     from cbas.wiring import BackendUnavailable
 
     settings = settings_of(ctx)
+    if stop:
+        sys.exit(_stop_master(settings))
+    if detach:
+        sys.exit(_detach_master(settings, [a for a in sys.argv[1:] if a not in ("--detach", "-d")]))
     updates: dict[str, Any] = {}
     if port is not None:
         updates["master_port"] = port
@@ -418,7 +474,6 @@ def bench(name: str, args: tuple[str, ...]) -> None:
 
     Example: cbas bench scheduler --traces ../shared/traces --starts 6
     """
-    import subprocess
 
     script = Path(__file__).resolve().parent.parent / "scripts" / "bench" / f"{name}.py"
     if not script.exists():
