@@ -482,6 +482,37 @@ def bench(name: str, args: tuple[str, ...]) -> None:
 
 
 @cli.command()
+@click.argument("target", type=click.Path(path_type=Path, dir_okay=False))
+@click.pass_context
+def backup(ctx: click.Context, target: Path) -> None:
+    """Copy the job store (jobs, ledger, checkpoints' records, events) to TARGET, consistently,
+    while the master runs. Local backend only: on AWS, use DynamoDB's point-in-time recovery.
+
+    Example: cbas backup ~/cbas-$(date +%F).db
+    """
+    import sqlite3
+
+    from cbas.wiring import db_path
+
+    settings = settings_of(ctx)
+    if settings.backend != "local":
+        fail("cbas backup copies the local SQLite store; on AWS enable point-in-time recovery on the table", 2)
+    if not db_path(settings).exists():
+        fail(f"no job store at {db_path(settings)}", 2)
+    if target.exists():
+        fail(f"{target} exists; choose a new file", 2)
+    source = sqlite3.connect(db_path(settings))
+    copy = sqlite3.connect(target)
+    try:
+        source.backup(copy)  # SQLite's online backup: a consistent copy while others write
+    finally:
+        copy.close()
+        source.close()
+    target.chmod(0o600)
+    console.print(f"backed up {db_path(settings)} to {target}")
+
+
+@cli.command()
 @click.argument("shell", type=click.Choice(["bash", "zsh", "fish"]))
 def completion(shell: str) -> None:
     """Print the shell completion script for SHELL (commands, options and their values).
