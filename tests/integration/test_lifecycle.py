@@ -56,6 +56,11 @@ def test_a_job_completes_and_its_output_can_be_fetched(cluster: Cluster) -> None
     secrets = [(cluster.home / "api-token").read_bytes().strip(), (cluster.home / "bus.key").read_bytes().strip()]
     logs = [p.read_bytes() for p in [*cluster.home.glob("*.log"), *cluster.home.glob("machines/*/console.log")]]
     assert logs and not any(secret in log for secret in secrets for log in logs)  # no secret in any log
+    lines = [json.loads(line) for line in (cluster.home / "master-0.log").read_text().splitlines()
+             if line.startswith("{")]
+    about_the_job = [line for line in lines if job_id in json.dumps(line)]
+    assert about_the_job and all(line.get("job_id") == job_id for line in about_the_job), \
+        [line for line in about_the_job if "job_id" not in line]  # every line about a job names it
 
 
 def test_a_job_preempted_twice_resumes_from_its_checkpoints(cluster: Cluster) -> None:
