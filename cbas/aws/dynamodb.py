@@ -221,8 +221,11 @@ class DynamoJobStore:
             raise
         return True
 
-    async def forget_sighting(self, message_id: str) -> None:
-        await self._run(self.table.delete_item, Key={"pk": f"MSG#{message_id}", "sk": "SEEN"})
+    async def seen(self, message_id: str, window_seconds: float) -> bool:
+        response = await self._run(self.table.get_item, Key={"pk": f"MSG#{message_id}", "sk": "SEEN"},
+                                   ConsistentRead=True)
+        item = response.get("Item")
+        return item is not None and float(item["expires_exact"]) >= time.time()
 
     async def close(self) -> None:
         pass

@@ -158,8 +158,9 @@ class SqliteJobStore:
                                         (now, message_id, now - window_seconds))
             return cursor.rowcount == 1
 
-    async def forget_sighting(self, message_id: str) -> None:
-        self._execute("DELETE FROM seen_messages WHERE id = ?", (message_id,))
+    async def seen(self, message_id: str, window_seconds: float) -> bool:
+        row = self._execute("SELECT seen_at FROM seen_messages WHERE id = ?", (message_id,)).fetchone()
+        return row is not None and row[0] >= time.time() - window_seconds
 
     async def close(self) -> None:
         if not self._closed:

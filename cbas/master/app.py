@@ -75,16 +75,15 @@ async def receive_message(request: web.Request) -> web.Response:
     if message.recipient != MASTER:
         raise BadRequest(f"message for {message.recipient!r} delivered to the master")
     structlog.contextvars.clear_contextvars()
-    if not await master.store.first_sighting(message.id, master.settings.seen_message_window):
+    window = master.settings.seen_message_window
+    if await master.store.seen(message.id, window):
         return web.json_response({"ok": True, "duplicate": True})
     began = time.perf_counter()
-    try:
-        await registry.dispatch(master, message)
-        master.metrics.messages.labels(type=message.type.value).observe(time.perf_counter() - began)
-    except Exception:
-        # not handled: a redelivery must be processed, not dropped as a duplicate
-        await master.store.forget_sighting(message.id)
-        raise
+    await registry.dispatch(master, message)
+    # remembered only once handled: a master that fails or dies while handling it gets it again
+    # (handlers are idempotent, so two copies handled at once change nothing twice)
+    await master.store.first_sighting(message.id, window)
+    master.metrics.messages.labels(type=message.type.value).observe(time.perf_counter() - began)
     return web.json_response({"ok": True})
 
 

@@ -3,6 +3,7 @@ machine is launched)."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from pathlib import Path
 
@@ -148,3 +149,21 @@ async def test_bodies_over_the_limit_are_refused(setup) -> None:
     _, client = setup
     resp = await client.post("/messages", data=b"x" * (300 * 1024))
     assert resp.status == 413
+
+
+async def test_a_message_whose_handling_died_is_handled_when_it_comes_again(setup, monkeypatch) -> None:
+    master, client = setup
+    job_id = await new_job(client)
+    message = envelope(MessageType.ADD_JOB, AddJob(job_id=job_id, jdl='Executable = "/bin/true";'), "cli", "master")
+    real = master.add_job
+
+    async def dies(*args: object) -> None:
+        raise asyncio.CancelledError  # as if the process died mid-handling: nothing after runs
+
+    monkeypatch.setattr(master, "add_job", dies)
+    with pytest.raises(Exception):
+        await client.post("/messages", data=signed(master, message))
+    monkeypatch.setattr(master, "add_job", real)
+    again = await client.post("/messages", data=signed(master, message))  # the sender's retry
+    assert again.status == 200 and "duplicate" not in await again.json()
+    assert (await master.store.get_job(job_id)).state == JobState.QUEUED
