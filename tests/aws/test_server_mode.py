@@ -25,7 +25,6 @@ from typing import Any, Iterator
 
 import boto3
 import pytest
-from moto.server import ThreadedMotoServer
 
 from cbas.client import MasterClient
 from cbas.settings import Settings
@@ -117,17 +116,6 @@ class AwsCluster:
         if wait_until_gone(groups, timeout=10):
             kill_groups(groups)
         assert wait_until_gone(groups) == []
-
-
-@pytest.fixture
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.fixture

@@ -10,10 +10,8 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Iterator
 
 import pytest
-from moto.server import ThreadedMotoServer
 
 from cbas.jdl.parser import KEYS
 from tests.homes import reachable_tmp
@@ -24,17 +22,6 @@ pytestmark = pytest.mark.integration
 DOCS = Path(__file__).resolve().parents[2] / "docs"
 BLOCK = re.compile(r"^```sh\n(.*?)^```", re.M | re.S)
 PAGES = sorted(page.name for page in DOCS.glob("*.md") if BLOCK.search(page.read_text()))
-
-
-@pytest.fixture(scope="module")
-def moto_endpoint() -> Iterator[str]:
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    try:
-        yield f"http://{host}:{port}"
-    finally:
-        server.stop()
 
 
 @pytest.mark.parametrize("page", PAGES)
