@@ -19,7 +19,8 @@ from tests.integration.conftest import FAST
 from tests.processes import kill_groups, wait_until_gone
 
 pytestmark = pytest.mark.integration
-DOCS = Path(__file__).resolve().parents[2] / "docs"
+REPO = Path(__file__).resolve().parents[2]
+DOCS = REPO / "docs"
 BLOCK = re.compile(r"^```sh\n(.*?)^```", re.M | re.S)
 PAGES = sorted(page.name for page in DOCS.glob("*.md") if BLOCK.search(page.read_text()))
 
@@ -29,7 +30,9 @@ def test_the_commands_of_a_page_work(page: str, moto_endpoint: str) -> None:
     script = "\n".join(BLOCK.findall((DOCS / page).read_text()))
     with reachable_tmp() as root:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CBAS_", "AWS_"))}
+        (root / "scripts").symlink_to(REPO / "scripts")  # as in a checkout
         env.update(FAST, CBAS_HOME=str(root / "home"), CBAS_MACHINES_DIR=str(root / "machines"),
+                   CBAS_INSTALL_ROOT=str(root / "server"),  # the service installer stages, never touches /
                    PATH=f"{Path(sys.executable).parent}:{env.get('PATH', '/usr/bin:/bin')}",
                    AWS_ENDPOINT_URL=moto_endpoint, AWS_ACCESS_KEY_ID="docs", AWS_SECRET_ACCESS_KEY="docs",
                    CBAS_MARKET_TIME_SCALE="1")
@@ -47,6 +50,13 @@ def test_the_commands_of_a_page_work(page: str, moto_endpoint: str) -> None:
                     pass
             kill_groups(wait_until_gone(groups, timeout=10))
         assert process.returncode == 0, f"{page} failed:\n{output[-4000:]}"
+        if page == "operations.md":  # what the service installer staged works
+            server = root / "server"
+            assert (server / "etc/cbas/master.env").stat().st_mode & 0o777 == 0o640
+            assert (server / "etc/systemd/system/multi-user.target.wants/cbas-master.service").is_symlink()
+            version = subprocess.run([str(server / "opt/cbas/venv/bin/cbas"), "--version"], capture_output=True,
+                                     text=True, env={"PATH": "/usr/bin:/bin"})
+            assert version.returncode == 0 and "cbas, version" in version.stdout
 
 
 def master_groups(home: Path) -> list[int]:
