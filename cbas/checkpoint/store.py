@@ -168,13 +168,19 @@ class ChunkStore:
         seen: dict[str, tuple[FileStamp, FileEntry]] = {}
         with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
             for path, relative in _walk(root, exclude):
-                info = path.lstat()
+                try:
+                    info = path.lstat()
+                except FileNotFoundError:
+                    continue  # gone since it was listed: only a job not held still can do that
                 if stat.S_ISDIR(info.st_mode):
                     snapshot.dirs.append(DirEntry(path=relative, mode=stat.S_IMODE(info.st_mode)))
                     continue
                 entry = self._unchanged(relative, info, known)
                 if entry is None:
-                    ids = self._chunk_file(path, pool, known, snapshot, staging)
+                    try:
+                        ids = self._chunk_file(path, pool, known, snapshot, staging)
+                    except FileNotFoundError:
+                        continue  # (DMTCP without its hook: the files after the resume, best effort)
                     entry = FileEntry(path=relative, mode=stat.S_IMODE(info.st_mode), size=info.st_size,
                                       chunks=ids, sha256=_list_id(ids))
                 else:
@@ -372,7 +378,10 @@ def _walk(root: Path, exclude: frozenset[str]) -> Iterable[tuple[Path, str]]:
                 continue
             path = base_path / name
             relative = path.relative_to(root).as_posix()
-            mode = path.lstat().st_mode
+            try:
+                mode = path.lstat().st_mode
+            except FileNotFoundError:
+                continue  # gone since the folder was listed
             if stat.S_ISLNK(mode):
                 raise UnsupportedFile(f"{relative} is a symbolic link; checkpoints hold only files and folders")
             if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):

@@ -157,3 +157,23 @@ def test_garbage_collection_keeps_the_newest_and_what_they_use(tmp_path: Path) -
     for checkpoint_id in ("c1", "c3", "c4"):
         store_at(tmp_path).restore(checkpoint_id, tmp_path / f"out-{checkpoint_id}")
     assert (tmp_path / "out-c4" / "big.bin").read_bytes() == (state / "big.bin").read_bytes()
+
+
+def test_a_file_that_vanishes_while_the_state_is_read_is_left_out(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # a job not held still (DMTCP without its hook) may rename a file between listing and reading
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "keep.txt").write_bytes(b"kept")
+    (state / "gone.tmp").write_bytes(b"renamed away")
+    store = ChunkStore(FolderBlobStore(tmp_path / "blobs"), "j")
+    real_open = open
+
+    def racing_open(path, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(path).endswith("gone.tmp"):
+            os.unlink(path)
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr("builtins.open", racing_open)
+    snapshot = store.snapshot(state, tmp_path / "staging")
+    monkeypatch.undo()
+    assert [f.path for f in snapshot.files] == ["keep.txt"]
