@@ -9,22 +9,20 @@ from __future__ import annotations
 import asyncio
 import functools
 import secrets
-import tempfile
 import time
 from dataclasses import dataclass
 from datetime import timedelta
-from pathlib import Path
 from typing import Any, Callable
 
 import structlog
 
 from cbas import jdl
-from cbas.archive import unpack
 from cbas.backends import (
     BlobStore, CapacityError, Cloud, DeliveryError, ImageBuilder, JobStore, MessageBus, MessageRejected, NotFound,
     StaleWrite,
 )
 from cbas.faults import crash_point
+from cbas.master.job_images import JobImages
 from cbas.master.metrics import Metrics
 from cbas.master.reaper import GcReport, Reaper
 from cbas.master.resource_manager import ResourceManager
@@ -98,7 +96,7 @@ class Master:
         self.blobs = backends.blobs
         self.bus = backends.bus
         self.cloud = backends.cloud
-        self.images = backends.images
+        self.images = JobImages(backends.images, self.store, self.blobs, self._image_failed, self.kick)
         self.metrics = Metrics()
         self.resources = ResourceManager(self.store, self.cloud, settings.cluster)
         self.reaper = Reaper(self.store, self.cloud, self.blobs, self.bus,
@@ -112,8 +110,6 @@ class Master:
         self._checkpoint_requested: dict[str, float] = {}  # job id -> when we last asked
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        self._building: dict[str, asyncio.Task[None]] = {}  # job id -> its image build
-        self._image_noted: set[str] = set()
         self._snapshots_dropped: set[str] = set()
         self.offers: list[Offer] = []  # the market as the last scheduling pass saw it
         self.ondemand_prices: dict[str, float] = {}
@@ -140,9 +136,7 @@ class Master:
                 await task
             except asyncio.CancelledError:
                 pass
-        for build in list(self._building.values()):  # a build is started again by the next master
-            build.cancel()
-        await asyncio.gather(*self._building.values(), return_exceptions=True)
+        await self.images.stop()
         self._tasks = []
         await self.cloud.close()
 
@@ -357,7 +351,7 @@ class Master:
                                            f"offered types: {', '.join(offered)}"},
             )
             return
-        if not await self._image_ready(job, description):
+        if not await self.images.ready(job, description):
             return
         decision = self.adapter.place(job, description, types)
         if decision.action == "wait" or decision.placement is None:
@@ -393,48 +387,9 @@ class Master:
             disk.data_snapshot = snapshots[-1] if snapshots else None
         return disk
 
-    # --- job images ------------------------------------------------------------------------
-    async def _image_ready(self, job: Job, description: jdl.JobDescription) -> bool:
-        """False while the job waits for its image (BuildImage); starts the build if none runs."""
-        if not (description.build_image and description.prologue) or job.image_id:
-            return True
-        if self.images is None:
-            if job.id not in self._image_noted:
-                self._image_noted.add(job.id)
-                await self.store.add_event(JobEvent(job_id=job.id, kind="image", detail=(
-                    "this backend builds no images: the prologue runs on each machine before the job")))
-            return True
-        if job.id not in self._building:
-            self._building[job.id] = asyncio.create_task(self._build_image(job.id, description), name=f"image-{job.id}")
-        return False
-
-    async def _build_image(self, job_id: str, description: jdl.JobDescription) -> None:
-        assert self.images is not None
-        try:
-            await self.store.add_event(JobEvent(job_id=job_id, kind="image-building",
-                                                detail=f"building {', '.join(description.prologue)} into an image"))
-            files = await asyncio.to_thread(self._prologue_files, job_id, description)
-            image_id = await self.images.image_for(job_id, files)
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            log.warning("image.failed", job_id=job_id, error=str(exc))
-            await self.transition(job_id, JobState.FAILED, event="failed", detail=f"image build failed: {exc}",
-                                  update=lambda _: {"error": f"BuildImage: {exc}"})
-        else:
-            await self.store.mutate_job(job_id, lambda j: j.model_copy(update={"image_id": image_id}))
-            await self.store.add_event(JobEvent(job_id=job_id, kind="image-ready", detail=image_id))
-            self.kick()
-        finally:
-            self._building.pop(job_id, None)
-
-    def _prologue_files(self, job_id: str, description: jdl.JobDescription) -> list[tuple[str, bytes]]:
-        with tempfile.TemporaryDirectory(prefix="cbas-prologue-") as scratch:
-            archive = Path(scratch) / "prologue.tar.zst"
-            self.blobs.get_file(f"jobs/{job_id}/prologue.tar.zst", archive)
-            unpack(archive, Path(scratch) / "files")
-            return [(Path(name).name, (Path(scratch) / "files" / Path(name).name).read_bytes())
-                    for name in description.prologue]
+    async def _image_failed(self, job_id: str, error: str) -> None:
+        await self.transition(job_id, JobState.FAILED, event="failed", detail=f"image build failed: {error}",
+                              update=lambda _: {"error": f"BuildImage: {error}"})
 
     async def request_checkpoint(self, job: Job, reason: str) -> None:
         """Ask for a checkpoint ahead of schedule; at most one request per checkpoint's duration."""
