@@ -24,7 +24,6 @@ from cbas.client import MasterClient, MasterUnavailable
 from cbas.frontend import fetch, prepare, submit
 from cbas.local.cloud import group_alive, kill_group
 from cbas.settings import Settings
-from cbas.wiring import master_file
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "counter"
 TIME_LIMIT = 110.0

@@ -9,7 +9,6 @@ plus a restart, run on on-demand to the end, so none misses a deadline on-demand
 from __future__ import annotations
 
 import bisect
-import math
 from typing import NamedTuple
 
 from cbas.scheduler.model import JobSpec, Scenario

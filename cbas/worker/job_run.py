@@ -24,7 +24,7 @@ from cbas.archive import ArchiveError, Member, pack, unpack
 from cbas.backends import BlobNotFound, BlobStore, VolumeSnapshots
 from cbas.checkpoint.base import CheckpointFailed, JobContext, JobProcess, checkpointer_for
 from cbas.checkpoint.signalled import CHECKPOINT_EXIT_CODE
-from cbas.checkpoint.store import ChunkStore, CorruptCheckpoint, Manifest, Snapshot, UnsupportedFile
+from cbas.checkpoint.store import ChunkStore, CorruptCheckpoint, Manifest, Snapshot
 from cbas.faults import crash_point
 from cbas.messages import (
     MASTER, CheckpointDone, Envelope, JobDone, JobFailed, MessageType, StartJob, envelope, worker_address,

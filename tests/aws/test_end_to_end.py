@@ -5,7 +5,6 @@ instance is "booted" by starting the worker here with that instance's id."""
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
 import boto3
 from aiohttp import web

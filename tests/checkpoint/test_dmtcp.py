@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 
-from cbas import jdl
 from cbas.checkpoint.dmtcp import java_without_perf_data
 from cbas.checkpoint.store import ChunkStore
 from cbas.messages import MessageType

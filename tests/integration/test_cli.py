@@ -119,8 +119,8 @@ def test_shell_completion_completes_commands() -> None:
 def test_bench_runs_a_benchmark_script(tmp_path) -> None:
     from tests.tracefiles import write_trace
 
-    trace = write_trace(tmp_path / "t.csv", {("z1", "c5.large"): (0.03, 0.085, [(0.0, True), (30000.0, False)])},
-                        span=400000)
+    write_trace(tmp_path / "t.csv", {("z1", "c5.large"): (0.03, 0.085, [(0.0, True), (30000.0, False)])},
+                span=400000)
     out = tmp_path / "s.json"
     result = subprocess.run([sys.executable, "-m", "cbas", "bench", "scheduler", "--traces", str(tmp_path),
                              "--starts", "1", "--json", str(out)], capture_output=True, text=True, timeout=300)
