@@ -6,7 +6,6 @@ from __future__ import annotations
 import pytest
 
 from tests.integration.conftest import CALM, Cluster, expected_counter
-from tests.integration.test_lifecycle import fetch_output
 
 pytestmark = pytest.mark.integration
 
@@ -28,7 +27,7 @@ def run_to_the_end(cluster: Cluster, job_id: str, master_dies: bool) -> dict:  #
         cluster.start_master()
     job = cluster.wait(job_id, timeout=120)
     assert job["state"] == "COMPLETED", job["events"]
-    assert (fetch_output(cluster, job_id) / "output.txt").read_text() == expected_counter(40)
+    assert (cluster.fetch(job_id) / "output.txt").read_text() == expected_counter(40)
     cluster.assert_nothing_left()
     return job
 

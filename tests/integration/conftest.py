@@ -101,6 +101,13 @@ class Cluster:
         assert result.returncode == 0, result.stderr
         return result.stdout.strip()
 
+    def fetch(self, job_id: str) -> Path:
+        """`cbas fetch` a finished job's output into the home; where it went."""
+        out = self.home / "fetched" / job_id
+        result = self.cli("fetch", job_id, "-o", str(out))
+        assert result.returncode == 0, result.stderr
+        return out
+
     def job(self, job_id: str) -> dict[str, Any]:
         return MasterClient(self.settings).job(job_id)
 

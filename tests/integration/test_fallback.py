@@ -78,9 +78,7 @@ def test_a_restart_that_crashes_falls_back_to_an_older_checkpoint(cluster: Clust
     assert fallbacks and all("exited with code 9" in detail for detail in fallbacks)
     assert job["fallbacks"] == len(fallbacks)
     assert any(c["bad"] for c in job["checkpoint_list"])
-    out = cluster.home / "out"
-    assert cluster.cli("fetch", job_id, "-o", str(out)).returncode == 0
-    assert (out / "output.txt").read_text() == expected_counter(150)
+    assert (cluster.fetch(job_id) / "output.txt").read_text() == expected_counter(150)
     cluster.assert_nothing_left()
 
 

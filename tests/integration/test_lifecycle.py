@@ -8,7 +8,6 @@ import re
 import signal
 import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 
@@ -16,13 +15,6 @@ from tests.integration.conftest import CALM, Cluster, expected_counter
 from tests.processes import wait_until_gone
 
 pytestmark = pytest.mark.integration
-
-
-def fetch_output(cluster: Cluster, job_id: str) -> Path:
-    out = cluster.home / "fetched" / job_id
-    result = cluster.cli("fetch", job_id, "-o", str(out))
-    assert result.returncode == 0, result.stderr
-    return out
 
 
 def scrape_metrics(cluster: Cluster) -> dict[str, float]:
@@ -42,7 +34,7 @@ def test_a_job_completes_and_its_output_can_be_fetched(cluster: Cluster) -> None
     job = cluster.wait(job_id)
     assert job["state"] == "COMPLETED", job
     assert (job["restarts"], job["preemptions"]) == (0, 0)
-    out = fetch_output(cluster, job_id)
+    out = cluster.fetch(job_id)
     assert (out / "output.txt").read_text() == expected_counter(20)
     assert "done: counted to 20" in (out / "stdout").read_text()
     logs = cluster.cli("logs", job_id)
@@ -83,7 +75,7 @@ def test_a_job_preempted_twice_resumes_from_its_checkpoints(cluster: Cluster) ->
     margins = [float(re.search(r"([\d.]+)s before the machine is reclaimed", e["detail"]).group(1))
                for e in job["events"] if e["kind"] == "checkpoint" and "(notice)" in e["detail"]]
     assert len(margins) == 2 and all(m > 0 for m in margins)  # uploaded inside the notice window
-    out = fetch_output(cluster, job_id)
+    out = cluster.fetch(job_id)
     assert (out / "output.txt").read_text() == expected_counter(250)
     resumed = [int(n) for n in re.findall(r"resuming at (\d+)", (out / "stdout").read_text())]
     assert len(resumed) == 2 and 0 < resumed[0] < resumed[1] < 250  # never from zero
@@ -141,7 +133,7 @@ def test_master_killed_and_restarted_mid_job_loses_nothing(cluster: Cluster, sto
     assert job["state"] == "COMPLETED", job["events"]
     assert job["restarts"] == 0  # the running machine was adopted, not replaced
     assert [m["instance_id"] for m in job["machines"]] == machines
-    out = fetch_output(cluster, job_id)
+    out = cluster.fetch(job_id)
     assert (out / "output.txt").read_text() == expected_counter(80)
     cluster.assert_nothing_left()
 
@@ -185,7 +177,7 @@ def test_a_worker_that_stops_pinging_is_declared_dead_and_the_job_restarts(clust
     assert lost and "stopped answering" in lost[0]["detail"]
     assert job["restarts"] == 1 and job["instance_id"] != first
     assert wait_until_gone(groups) == []  # the frozen machine and its job were killed
-    out = fetch_output(cluster, job_id)
+    out = cluster.fetch(job_id)
     assert (out / "output.txt").read_text() == expected_counter(60)
     cluster.assert_nothing_left()
 
@@ -203,7 +195,7 @@ def test_a_volume_job_restarts_on_a_disk_made_from_its_snapshot(cluster: Cluster
     assert job["preemptions"] == 1 and job["restarts"] == 1
     snapshots = [e["detail"].rsplit("disk snapshot ", 1)[1] for e in job["events"] if e["kind"] == "checkpoint"]
     assert snapshots and all(s.startswith("snap-") for s in snapshots)
-    out = fetch_output(cluster, job_id)
+    out = cluster.fetch(job_id)
     assert (out / "output.txt").read_text() == expected_counter(150)
     resumed = [int(n) for n in re.findall(r"resuming at (\d+)", (out / "stdout").read_text())]
     assert len(resumed) == 1 and 0 < resumed[0] < 150  # from the snapshot, not from zero
