@@ -75,6 +75,12 @@ class LedgerEntry(BaseModel):
     cost: float = 0.0
     reason: str | None = None  # why it ended
 
+    def cost_until(self, now: datetime) -> float:
+        """USD the machine has cost from its launch to `now` (per-second billing)."""
+        if self.launched_at is None:
+            return 0.0
+        return self.price * max((now - self.launched_at).total_seconds(), 0.0) / 3600.0
+
 
 class CheckpointRecord(BaseModel):
     job_id: str

@@ -108,18 +108,18 @@ async def list_jobs(request: web.Request) -> web.Response:
     except ValueError:
         raise BadRequest(f"unknown state in {states!r}; states are {', '.join(JobState)}") from None
     jobs = await master.store.list_jobs(wanted)
-    return web.json_response({"jobs": [await master.job_view(job) for job in jobs]})
+    ledger = await master.store.list_ledger(live_only=False)
+    return web.json_response({"jobs": [master.job_view(job, ledger) for job in jobs]})
 
 
 async def get_job(request: web.Request) -> web.Response:
     master = request.app[MASTER_KEY]
     job = await master.store.get_job(request.match_info["job_id"])
-    view = await master.job_view(job)
+    ledger = await master.store.list_ledger(live_only=False)
+    view = master.job_view(job, ledger)
     view["checkpoint_list"] = [c.model_dump(mode="json") for c in await master.store.list_checkpoints(job.id)]
     view["events"] = [e.model_dump(mode="json") for e in await master.store.list_events(job.id)]
-    view["machines"] = [
-        e.model_dump(mode="json") for e in await master.store.list_ledger(live_only=False) if e.job_id == job.id
-    ]
+    view["machines"] = [e.model_dump(mode="json") for e in ledger if e.job_id == job.id]
     return web.json_response(view)
 
 

@@ -46,8 +46,7 @@ class Metrics:
         now = utcnow()
         for entry in await store.list_ledger(live_only=True):
             markets[entry.market] = markets.get(entry.market, 0) + 1
-            if entry.launched_at is not None:  # what running machines cost so far
-                cost += entry.price * max((now - entry.launched_at).total_seconds(), 0.0) / 3600.0
+            cost += entry.cost_until(now)  # what running machines cost so far
         for market, count in markets.items():
             self.machines.labels(market=market).set(count)
         self.cost.set(cost)

@@ -78,12 +78,8 @@ class ResourceManager:
 
     async def _close(self, entry: LedgerEntry, reason: str) -> LedgerEntry:
         now = utcnow()
-        cost = 0.0
-        if entry.launched_at is not None:
-            cost = entry.price * max((now - entry.launched_at).total_seconds(), 0.0) / 3600.0
-        return await self._put(
-            entry.model_copy(update={"state": LedgerState.TERMINATED, "terminated_at": now, "cost": cost, "reason": reason})
-        )
+        return await self._put(entry.model_copy(update={
+            "state": LedgerState.TERMINATED, "terminated_at": now, "cost": entry.cost_until(now), "reason": reason}))
 
     async def entry_for(self, instance_id: str) -> LedgerEntry | None:
         if self._live is not None:
@@ -102,14 +98,6 @@ class ResourceManager:
         closed = await self._close(entry, reason)
         log.info("ledger.closed", instance_id=instance_id, job_id=entry.job_id, reason=reason, cost=round(closed.cost, 6))
         return closed
-
-    async def machine_cost_so_far(self, job_id: str) -> float:
-        now = utcnow()
-        return sum(
-            entry.price * (now - entry.launched_at).total_seconds() / 3600.0
-            for entry in await self.store.list_ledger(live_only=True)
-            if entry.job_id == job_id and entry.launched_at is not None
-        )
 
     async def reconcile(self) -> Reconciliation:
         """Make the ledger and the cloud agree; run at every master start."""

@@ -30,7 +30,7 @@ from cbas.master.scheduler_adapter import SchedulerAdapter
 from cbas.master.timers import Deadlines
 from cbas.master.worker_manager import WorkerManager
 from cbas.messages import MASTER, CheckpointNow, Envelope, MessageType, Ping, StartJob, StopJob, envelope, worker_address
-from cbas.models import CheckpointRecord, DiskSpec, Job, JobEvent, LedgerEntry, Offer, utcnow
+from cbas.models import CheckpointRecord, DiskSpec, Job, JobEvent, LedgerEntry, LedgerState, Offer, utcnow
 from cbas.settings import Settings
 from cbas.state import JobState, can_transition
 
@@ -605,20 +605,23 @@ class Master:
             self.kick()
 
     # --- views ------------------------------------------------------------------------------
-    async def job_view(self, job: Job) -> dict[str, Any]:
+    def job_view(self, job: Job, ledger: list[LedgerEntry]) -> dict[str, Any]:
+        """What the API and the dashboard show of a job; `ledger` is the whole ledger, read once
+        for all the jobs shown."""
+        mine = [entry for entry in ledger if entry.job_id == job.id]
+        now = utcnow()
         view = job.model_dump(mode="json", exclude={"jdl"})
         runtime = job.run_seconds
         if job.state == JobState.RUNNING and job.running_since is not None:
-            runtime += (utcnow() - job.running_since).total_seconds()
+            runtime += (now - job.running_since).total_seconds()
         view["runtime_seconds"] = runtime
-        view["cost_so_far"] = job.cost + await self.resources.machine_cost_so_far(job.id)
+        view["cost_so_far"] = job.cost + sum(e.cost_until(now) for e in mine if e.state != LedgerState.TERMINATED)
         description = describe(job.jdl) if job.jdl else None
         view["deadline_at"] = (jdl.parse_deadline(description.deadline, job.submitted_at).isoformat()
                                if description and description.deadline else None)
         expected = description.runtime_hours() if description else None
         view["progress"] = (1.0 if job.state == JobState.COMPLETED else
                             min(runtime / 3600.0 / expected, 0.99) if expected else None)
-        types = [e.instance_type for e in await self.store.list_ledger(live_only=False) if e.job_id == job.id]
-        price = self.ondemand_prices.get(types[-1]) if types else None
+        price = self.ondemand_prices.get(mine[-1].instance_type) if mine else None
         view["ondemand_cost"] = runtime / 3600.0 * price if price else None  # the same hours on demand
         return view
