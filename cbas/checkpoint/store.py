@@ -9,73 +9,42 @@ to a big state costs little. Restore checks every chunk's sha256 and length.
     jobs/<id>/chunks/<sha256[:2]>/<sha256>
     jobs/<id>/ckpt/<checkpoint id>/manifest.json
 
-Taking a checkpoint has two halves: snapshot() reads the state while the job is quiesced (it
-chunks, hashes, and copies only new chunks to a local staging folder), commit() uploads them and
-the manifest after the job has been let go.
+Taking a checkpoint has two halves: snapshot() reads the state while the job is held (it chunks,
+hashes, and copies only new chunks to a staging folder of the checkpoint's own; files that are
+never changed in place, DMTCP's images, it only opens), commit() reads those (finish()), uploads
+the new chunks and then the manifest, after the job has been let go. Reading files is
+cbas.checkpoint.chunking's; the manifest and its seal are cbas.checkpoint.manifest's.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import mmap
 import os
 import shutil
 import stat
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
-import zstandard
-from fastcdc import fastcdc
-from pydantic import BaseModel, ValidationError
+from pydantic import ValidationError
 
 from cbas.backends import BlobNotFound, BlobStore
+from cbas.checkpoint.chunking import UnsupportedFile, decode, encode, excluded, pieces, walk
+from cbas.checkpoint.manifest import (
+    CorruptCheckpoint, DirEntry, FileEntry, Manifest, inside, list_id, seal, unseal,
+)
 from cbas.models import utcnow
 
-MIN_CHUNK = 256 * 1024
-AVG_CHUNK = 1024 * 1024
-MAX_CHUNK = 4 * 1024 * 1024
-_RAW, _ZSTD = b"R", b"Z"
-_SAMPLE = 64 * 1024
+__all__ = ["ChunkStore", "CommitCancelled", "CorruptCheckpoint", "Manifest", "Snapshot", "UnsupportedFile",
+           "seal", "unseal"]
 
-
-class CorruptCheckpoint(RuntimeError):
-    pass
-
-
-class UnsupportedFile(ValueError):
-    pass
-
-
-class FileEntry(BaseModel):
-    path: str  # relative, '/'-separated
-    mode: int
-    size: int
-    chunks: list[str]  # chunk sha256 ids, in order
-    sha256: str  # sha256 of the chunk id list: the file's identity, verified through its chunks
-
-
-class DirEntry(BaseModel):
-    path: str
-    mode: int
-
-
-class Manifest(BaseModel):
-    format: int = 1
-    job_id: str
-    checkpoint_id: str
-    strategy: str
-    created_at: str = ""
-    files: list[FileEntry]
-    dirs: list[DirEntry] = []
-    chunk_sizes: dict[str, int]  # raw length of every chunk the files use
-    total_bytes: int
-    new_bytes: int  # bytes this checkpoint had to store (compressed)
-    stdout_bytes: int = 0  # log lengths when taken: a restore rewinds the logs to them
-    stderr_bytes: int = 0
+class CommitCancelled(RuntimeError):
+    """A newer checkpoint (a spot notice's) took this one's place before it was uploaded."""
 
 
 @dataclass
@@ -85,40 +54,19 @@ class Snapshot:
     files: list[FileEntry]
     dirs: list[DirEntry]
     chunk_sizes: dict[str, int]
+    staging: Path = Path(".")  # this checkpoint's own staging folder
     staged: dict[str, Path] = field(default_factory=dict)  # new chunk id -> staged blob
+    # files opened but not read yet (see ChunkStore.finish): index in files, path, stat, descriptor
+    deferred: list[tuple[int, str, os.stat_result, int]] = field(default_factory=list)
+    pinned: set[str] = field(default_factory=set)  # chunks it uses: garbage collection leaves them
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
 
 
-def _sha256(data: memoryview) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def _list_id(chunk_ids: list[str]) -> str:
-    return hashlib.sha256("\n".join(chunk_ids).encode()).hexdigest()
-
-
-def _encode(data: memoryview | bytes) -> bytes:
-    """zstd, unless a sample shows the data does not compress (then raw, and no time lost)."""
-    sample = bytes(data[:_SAMPLE])
-    if len(zstandard.ZstdCompressor(level=1).compress(sample)) > 0.95 * len(sample):
-        return _RAW + bytes(data)
-    compressed = zstandard.ZstdCompressor(level=3).compress(data)
-    return _ZSTD + compressed if len(compressed) < len(data) else _RAW + bytes(data)
-
-
-def _decode(blob: bytes, chunk_id: str) -> bytes:
-    kind, body = blob[:1], blob[1:]
-    if kind == _RAW:
-        return body
-    if kind == _ZSTD:
-        try:
-            return zstandard.ZstdDecompressor().decompress(body, max_output_size=MAX_CHUNK)
-        except zstandard.ZstdError as exc:
-            raise CorruptCheckpoint(f"chunk {chunk_id[:12]} does not decompress: {exc}") from None
-    raise CorruptCheckpoint(f"chunk {chunk_id[:12]} has an unknown encoding")
+def _threads() -> int:
+    return max(2, os.cpu_count() or 2)
 
 
 FileStamp = tuple[int, int, int, int]  # size, mtime_ns, ctime_ns, inode
@@ -136,14 +84,19 @@ class ChunkStore:
     snapshot began is always read ("racily clean" files are not trusted).
     """
 
-    def __init__(self, blobs: BlobStore, job_id: str, workers: int = 8) -> None:
+    def __init__(self, blobs: BlobStore, job_id: str, key: bytes, workers: int = 8) -> None:
+        if not key:
+            raise ValueError(f"job {job_id}'s checkpoint store needs the job's checkpoint key to seal its manifests")
         self.blobs = blobs
         self.job_id = job_id
+        self._key = key  # the job's checkpoint key (cbas.authority): the job itself never has it
         self.workers = workers
         self._known: set[str] | None = None
         self._seen: dict[str, tuple[FileStamp, FileEntry]] = {}  # path -> stamp and entry last time
         self._seen_since_ns = 0  # when the snapshot that filled _seen began
         self._sizes: dict[str, int] = {}  # chunk id -> raw length, for reused entries
+        self._lock = threading.Lock()  # snapshots pin what they use; garbage collection respects pins
+        self._pinned: Counter[str] = Counter()
 
     # --- keys ---------------------------------------------------------------------------------
     def chunk_key(self, chunk_id: str) -> str:
@@ -159,44 +112,91 @@ class ChunkStore:
         return self._known
 
     # --- taking a checkpoint ----------------------------------------------------------------------
-    def snapshot(self, root: Path, staging: Path, exclude: frozenset[str] = frozenset()) -> Snapshot:
-        """Chunk and hash every file under root; copy the chunks not stored yet into staging."""
+    def snapshot(self, root: Path, staging: Path, exclude: frozenset[str] = frozenset(),
+                 immutable: frozenset[str] = frozenset()) -> Snapshot:
+        """Read the state while the job is held: chunk and hash every file under root and stage
+        its new chunks, except files matching `immutable` (never changed in place once written),
+        which are only opened: finish() reads them through that descriptor after the job goes on.
+        Files are opened without following links from their folder's descriptor, and read, never
+        mapped (a file the job truncates meanwhile is a short read, not a SIGBUS)."""
         staging.mkdir(parents=True, exist_ok=True)
         known = self.known_chunks()
-        snapshot = Snapshot(files=[], dirs=[], chunk_sizes={})
+        snapshot = Snapshot(files=[], dirs=[], chunk_sizes={}, staging=staging)
         began_ns = time.time_ns()
         seen: dict[str, tuple[FileStamp, FileEntry]] = {}
-        with ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2)) as pool:
-            for path, relative in _walk(root, exclude):
-                try:
-                    info = path.lstat()
-                except FileNotFoundError:
-                    continue  # gone since it was listed: only a job not held still can do that
-                if stat.S_ISDIR(info.st_mode):
-                    snapshot.dirs.append(DirEntry(path=relative, mode=stat.S_IMODE(info.st_mode)))
-                    continue
-                entry = self._unchanged(relative, info, known)
-                if entry is None:
-                    try:
-                        ids = self._chunk_file(path, pool, known, snapshot, staging)
-                    except FileNotFoundError:
-                        continue  # (DMTCP without its hook: the files after the resume, best effort)
-                    entry = FileEntry(path=relative, mode=stat.S_IMODE(info.st_mode), size=info.st_size,
-                                      chunks=ids, sha256=_list_id(ids))
-                else:
-                    snapshot.chunk_sizes.update((c, self._sizes[c]) for c in entry.chunks)
-                snapshot.files.append(entry)
-                seen[relative] = (_stamp(info), entry)
+        try:
+            self._snapshot_into(snapshot, root, exclude, immutable, known, seen)
+        except BaseException:
+            self.release(snapshot)
+            raise
         self._seen, self._seen_since_ns = seen, began_ns
         self._sizes.update(snapshot.chunk_sizes)
         return snapshot
+
+    def _snapshot_into(self, snapshot: Snapshot, root: Path, exclude: frozenset[str], immutable: frozenset[str],
+                       known: set[str], seen: dict[str, tuple[FileStamp, FileEntry]]) -> None:
+        with ThreadPoolExecutor(max_workers=_threads()) as pool:
+            for relative, info, fd in walk(root, exclude):
+                if fd is None:
+                    snapshot.dirs.append(DirEntry(path=relative, mode=stat.S_IMODE(info.st_mode)))
+                    continue
+                try:
+                    with self._lock:  # its chunks must still be there when the manifest names them
+                        entry = self._unchanged(relative, info, known)
+                        if entry is not None:
+                            self._pin(snapshot, entry.chunks)
+                    if entry is not None:
+                        snapshot.chunk_sizes.update((c, self._sizes[c]) for c in entry.chunks)
+                    elif excluded(relative, immutable):
+                        snapshot.deferred.append((len(snapshot.files), relative, info, os.dup(fd)))
+                        entry = FileEntry(path=relative, mode=stat.S_IMODE(info.st_mode), size=0, chunks=[], sha256="")
+                    else:
+                        entry = self._read_file(relative, info, fd, pool, known, snapshot)
+                finally:
+                    os.close(fd)
+                snapshot.files.append(entry)
+                seen[relative] = (_stamp(info), entry)
+
+    def finish(self, snapshot: Snapshot) -> None:
+        """Read the files snapshot() only opened; the job may run meanwhile. Idempotent."""
+        known = self.known_chunks()
+        with ThreadPoolExecutor(max_workers=_threads()) as pool:
+            while snapshot.deferred:
+                index, relative, info, fd = snapshot.deferred.pop(0)
+                try:
+                    entry = self._read_file(relative, info, fd, pool, known, snapshot)
+                finally:
+                    os.close(fd)
+                snapshot.files[index] = entry
+                self._seen[relative] = (_stamp(info), entry)
+        self._sizes.update(snapshot.chunk_sizes)
+
+    def _pin(self, snapshot: Snapshot, chunk_ids: Iterable[str]) -> None:
+        for chunk_id in chunk_ids:
+            if chunk_id not in snapshot.pinned:
+                snapshot.pinned.add(chunk_id)
+                self._pinned[chunk_id] += 1
+
+    def release(self, snapshot: Snapshot) -> None:
+        """A snapshot committed or given up: its chunks may be collected, its staging goes."""
+        for _, _, _, fd in snapshot.deferred:
+            os.close(fd)
+        snapshot.deferred = []
+        with self._lock:
+            for chunk_id in snapshot.pinned:
+                self._pinned[chunk_id] -= 1
+                if self._pinned[chunk_id] <= 0:
+                    del self._pinned[chunk_id]
+            snapshot.pinned = set()
+        shutil.rmtree(snapshot.staging, ignore_errors=True)
 
     def _unchanged(self, relative: str, info: os.stat_result, known: set[str]) -> FileEntry | None:
         previous = self._seen.get(relative)
         if previous is None or previous[0] != _stamp(info) or info.st_mtime_ns >= self._seen_since_ns:
             return None
         entry = previous[1]
-        if entry.mode != stat.S_IMODE(info.st_mode) or not all(c in known and c in self._sizes for c in entry.chunks):
+        if entry.mode != stat.S_IMODE(info.st_mode) or not entry.sha256 \
+                or not all(c in known and c in self._sizes for c in entry.chunks):
             return None
         return entry
 
@@ -210,44 +210,49 @@ class ChunkStore:
             self._seen[entry.path] = (_stamp((root / entry.path).lstat()), entry)
         self._seen_since_ns = began
 
-    def _chunk_file(self, path: Path, pool: ThreadPoolExecutor, known: set[str], snapshot: Snapshot,
-                    staging: Path) -> list[str]:
-        with open(path, "rb") as handle:
-            size = os.fstat(handle.fileno()).st_size
-            if size == 0:
-                return []
-            with mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as mapped:
-                view = memoryview(mapped)
-                try:
-                    # hash each chunk in the pool as soon as its boundary is found (hashlib lets go
-                    # of the GIL), so cutting and hashing overlap
-                    bounds, futures = [], []
-                    for chunk in fastcdc(view, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK):
-                        bounds.append((chunk.offset, chunk.length))
-                        futures.append(pool.submit(_sha256, view[chunk.offset:chunk.offset + chunk.length]))
-                    ids = [future.result() for future in futures]
-                    new = []
-                    for chunk_id, (offset, length) in zip(ids, bounds):
-                        snapshot.chunk_sizes[chunk_id] = length
-                        if chunk_id not in known and chunk_id not in snapshot.staged:
-                            snapshot.staged[chunk_id] = staging / chunk_id
-                            new.append((chunk_id, offset, length))
+    def _read_file(self, relative: str, info: os.stat_result, fd: int, pool: ThreadPoolExecutor, known: set[str],
+                   snapshot: Snapshot) -> FileEntry:
+        """Cut a file into chunks as it is read, block by block; each chunk is hashed, and staged if
+        new, in the pool, from the one copy that was read (what is stored is what was hashed)."""
 
-                    def stage(item: tuple[str, int, int]) -> None:
-                        chunk_id, offset, length = item
-                        (staging / chunk_id).write_bytes(_encode(view[offset:offset + length]))
+        def take(piece: memoryview) -> tuple[str, int]:
+            chunk_id = hashlib.sha256(piece).hexdigest()
+            with self._lock:  # against collect_garbage: a chunk found known stays until committed
+                new = chunk_id not in known and chunk_id not in snapshot.staged
+                if new:
+                    snapshot.staged[chunk_id] = snapshot.staging / chunk_id
+                self._pin(snapshot, (chunk_id,))
+            if new:
+                (snapshot.staging / chunk_id).write_bytes(encode(piece))
+            return chunk_id, len(piece)
 
-                    list(pool.map(stage, new))
-                finally:
-                    view.release()
-        return ids
+        results: list[Future[tuple[str, int]]] = []
+        in_flight: list[list[Future[tuple[str, int]]]] = []
+        for block in pieces(fd, info.st_size):
+            futures = [pool.submit(take, piece) for piece in block]
+            results += futures
+            in_flight.append(futures)
+            if len(in_flight) > 2:  # at most a few blocks in memory
+                for future in in_flight.pop(0):
+                    future.result()
+        ids, size = [], 0
+        for future in results:
+            chunk_id, length = future.result()
+            snapshot.chunk_sizes[chunk_id] = length
+            ids.append(chunk_id)
+            size += length
+        return FileEntry(path=relative, mode=stat.S_IMODE(info.st_mode), size=size, chunks=ids, sha256=list_id(ids))
 
     def commit(self, snapshot: Snapshot, checkpoint_id: str, strategy: str, stdout_bytes: int = 0,
-               stderr_bytes: int = 0) -> Manifest:
-        """Upload the new chunks, then the manifest: only then does the checkpoint exist."""
+               stderr_bytes: int = 0, cancelled: threading.Event | None = None) -> Manifest:
+        """Upload the new chunks, then the manifest: only then does the checkpoint exist. Setting
+        `cancelled` stops it between chunks (CommitCancelled); the caller releases the snapshot."""
+        self.finish(snapshot)
         staged = list(snapshot.staged.items())
 
         def upload(item: tuple[str, Path]) -> int:
+            if cancelled is not None and cancelled.is_set():
+                raise CommitCancelled(f"checkpoint {checkpoint_id} was superseded before it was uploaded")
             chunk_id, path = item
             size = path.stat().st_size
             self.blobs.put_file(self.chunk_key(chunk_id), path)
@@ -260,20 +265,23 @@ class ChunkStore:
             files=snapshot.files, dirs=snapshot.dirs, chunk_sizes=snapshot.chunk_sizes,
             total_bytes=snapshot.total_bytes, new_bytes=new_bytes, stdout_bytes=stdout_bytes, stderr_bytes=stderr_bytes,
         )
-        self.blobs.put_bytes(self.manifest_key(checkpoint_id), seal(manifest.model_dump_json().encode()))
+        self.blobs.put_bytes(self.manifest_key(checkpoint_id), seal(manifest.model_dump_json().encode(), self._key))
         self.known_chunks().update(snapshot.staged)
-        for path in snapshot.staged.values():
-            path.unlink(missing_ok=True)
         return manifest
 
     def save(self, root: Path, checkpoint_id: str, strategy: str, staging: Path) -> Manifest:
         """snapshot() and commit() in one call, for callers that need no pause in between."""
-        return self.commit(self.snapshot(root, staging), checkpoint_id, strategy)
+        snapshot = self.snapshot(root, staging)
+        try:
+            return self.commit(snapshot, checkpoint_id, strategy)
+        finally:
+            self.release(snapshot)
 
     # --- restoring ----------------------------------------------------------------------------------
     def manifest(self, checkpoint_id: str) -> Manifest:
         try:
-            manifest = Manifest.model_validate(json.loads(unseal(self.blobs.get_bytes(self.manifest_key(checkpoint_id)))))
+            sealed = self.blobs.get_bytes(self.manifest_key(checkpoint_id))
+            manifest = Manifest.model_validate(json.loads(unseal(sealed, self._key)))
         except BlobNotFound:
             raise CorruptCheckpoint(f"checkpoint {checkpoint_id} has no manifest") from None
         except (ValueError, ValidationError) as exc:
@@ -281,7 +289,7 @@ class ChunkStore:
         if manifest.job_id != self.job_id or manifest.checkpoint_id != checkpoint_id:
             raise CorruptCheckpoint(f"checkpoint {checkpoint_id}'s manifest names another checkpoint")
         for entry in manifest.files:
-            if _list_id(entry.chunks) != entry.sha256:
+            if list_id(entry.chunks) != entry.sha256:
                 raise CorruptCheckpoint(f"checkpoint {checkpoint_id}: {entry.path}'s chunk list does not match its sha256")
             if sum(manifest.chunk_sizes.get(c, -1) for c in entry.chunks) != entry.size:
                 raise CorruptCheckpoint(f"checkpoint {checkpoint_id}: {entry.path}'s chunks do not add up to its size")
@@ -292,19 +300,19 @@ class ChunkStore:
         manifest = self.manifest(checkpoint_id)
         target.mkdir(parents=True, exist_ok=True)
         for entry in manifest.dirs:
-            directory = _inside(target, entry.path)
+            directory = inside(target, entry.path)
             directory.mkdir(parents=True, exist_ok=True)
         with ThreadPoolExecutor(max_workers=self.workers) as pool:
             for entry in manifest.files:
-                self._restore_file(entry, manifest, _inside(target, entry.path), pool)
+                self._restore_file(entry, manifest, inside(target, entry.path), pool)
         for entry in manifest.dirs:
-            _inside(target, entry.path).chmod(entry.mode | 0o700)
+            inside(target, entry.path).chmod((entry.mode | 0o700) & 0o777)
         self.remember(target, manifest)
         return manifest
 
     def _fetch_chunk(self, chunk_id: str, expected: int) -> bytes:
         try:
-            data = _decode(self.blobs.get_bytes(self.chunk_key(chunk_id)), chunk_id)
+            data = decode(self.blobs.get_bytes(self.chunk_key(chunk_id)), chunk_id)
         except BlobNotFound:
             raise CorruptCheckpoint(f"chunk {chunk_id[:12]} is missing") from None
         if len(data) != expected or hashlib.sha256(data).hexdigest() != chunk_id:
@@ -314,10 +322,11 @@ class ChunkStore:
     def _restore_file(self, entry: FileEntry, manifest: Manifest, path: Path, pool: ThreadPoolExecutor) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         sizes = manifest.chunk_sizes
-        with open(path, "wb") as out:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "wb") as out:
             for data in pool.map(lambda c: self._fetch_chunk(c, sizes[c]), entry.chunks):
                 out.write(data)
-        path.chmod(entry.mode)
+            os.fchmod(out.fileno(), entry.mode & 0o777)  # never setuid, setgid or sticky
 
     # --- forgetting -----------------------------------------------------------------------------------
     def checkpoint_ids(self) -> list[str]:
@@ -326,7 +335,8 @@ class ChunkStore:
 
     def collect_garbage(self, keep: int = 3, protect: Iterable[str] = ()) -> tuple[list[str], int]:
         """Keep the newest `keep` checkpoints (and `protect`ed ones); delete other manifests and
-        every chunk no kept manifest uses. Returns the deleted checkpoint ids and chunk count."""
+        every chunk no kept manifest uses and no snapshot under way has pinned. Returns the
+        deleted checkpoint ids and chunk count."""
         ids = self.checkpoint_ids()
         kept = set(ids[-keep:]) | (set(protect) & set(ids))
         dropped = [cid for cid in ids if cid not in kept]
@@ -341,59 +351,12 @@ class ChunkStore:
         removed = 0
         for key in self.blobs.list(f"jobs/{self.job_id}/chunks/"):
             chunk_id = key.rsplit("/", 1)[1]
-            if chunk_id not in used:
-                self.blobs.delete(key)
-                removed += 1
-                self.known_chunks().discard(chunk_id)
-        return dropped, removed
-
-
-def seal(body: bytes) -> bytes:
-    """A manifest carries its own sha256 on a last line, so any flipped byte is noticed."""
-    return body + b"\n" + hashlib.sha256(body).hexdigest().encode() + b"\n"
-
-
-def unseal(blob: bytes) -> bytes:
-    body, _, trailer = blob.rstrip(b"\n").rpartition(b"\n")
-    if hashlib.sha256(body).hexdigest().encode() != trailer:
-        raise ValueError("the manifest does not match its sha256")
-    return body
-
-
-def _inside(root: Path, relative: str) -> Path:
-    """A manifest path as a path under root; a manifest is untrusted input."""
-    parts = relative.split("/")
-    if not relative or relative.startswith("/") or any(p in ("", ".", "..") for p in parts):
-        raise CorruptCheckpoint(f"manifest path {relative!r} is not a plain relative path")
-    return root.joinpath(*parts)
-
-
-def _walk(root: Path, exclude: frozenset[str]) -> Iterable[tuple[Path, str]]:
-    """Every directory and regular file below root, sorted; anything else is refused."""
-    for base, dirs, files in os.walk(root):
-        dirs.sort()
-        base_path = Path(base)
-        for name in sorted(dirs) + sorted(files):
-            if base_path == root and name in exclude:
+            if chunk_id in used:
                 continue
-            path = base_path / name
-            relative = path.relative_to(root).as_posix()
-            try:
-                mode = path.lstat().st_mode
-            except FileNotFoundError:
-                continue  # gone since the folder was listed
-            if stat.S_ISLNK(mode):
-                raise UnsupportedFile(f"{relative} is a symbolic link; checkpoints hold only files and folders")
-            if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
-                raise UnsupportedFile(f"{relative} is not a regular file or folder")
-            yield path, relative
-        dirs[:] = [d for d in dirs if not (base_path == root and d in exclude)]
-
-
-def clear_directory(directory: Path) -> None:
-    """Empty a folder before a restore, so files created after the checkpoint do not linger."""
-    for child in directory.iterdir():
-        if child.is_dir() and not child.is_symlink():
-            shutil.rmtree(child)
-        else:
-            child.unlink()
+            with self._lock:  # a snapshot that finds it known pins it first, or stages a new copy
+                if chunk_id in self._pinned:
+                    continue
+                self.known_chunks().discard(chunk_id)
+                self.blobs.delete(key)
+            removed += 1
+        return dropped, removed

@@ -15,10 +15,11 @@ from cbas.checkpoint.store import ChunkStore, CorruptCheckpoint, UnsupportedFile
 from cbas.local.blobs import FolderBlobStore
 
 MIB = 1 << 20
+KEY = b"checkpoint key of job "  # a key per job, as the master derives them
 
 
 def store_at(tmp: Path, job: str = "j") -> ChunkStore:
-    return ChunkStore(FolderBlobStore(tmp / "blobs"), job)
+    return ChunkStore(FolderBlobStore(tmp / "blobs"), job, KEY + job.encode())
 
 
 def tree_of(root: Path) -> dict[str, tuple[bytes | None, int]]:
@@ -136,9 +137,9 @@ def test_a_manifest_cannot_write_outside_the_target(tmp_path: Path) -> None:
     store = store_at(tmp_path)
     store.save(state, "c1", "directory", tmp_path / "staging")
     key = store.manifest_key("c1")
-    manifest = json.loads(unseal(store.blobs.get_bytes(key)))
+    manifest = json.loads(unseal(store.blobs.get_bytes(key), KEY + b"j"))
     manifest["files"][0]["path"] = "../escaped.bin"
-    store.blobs.put_bytes(key, seal(json.dumps(manifest).encode()))  # correctly sealed, still refused
+    store.blobs.put_bytes(key, seal(json.dumps(manifest).encode(), KEY + b"j"))  # correctly sealed, still refused
     with pytest.raises(CorruptCheckpoint, match="not a plain relative path"):
         store_at(tmp_path).restore("c1", tmp_path / "out")
     assert not (tmp_path / "escaped.bin").exists()
@@ -165,15 +166,15 @@ def test_a_file_that_vanishes_while_the_state_is_read_is_left_out(tmp_path: Path
     state.mkdir()
     (state / "keep.txt").write_bytes(b"kept")
     (state / "gone.tmp").write_bytes(b"renamed away")
-    store = ChunkStore(FolderBlobStore(tmp_path / "blobs"), "j")
-    real_open = open
+    store = store_at(tmp_path)
+    real_open = os.open
 
     def racing_open(path, *args, **kwargs):  # type: ignore[no-untyped-def]
         if str(path).endswith("gone.tmp"):
-            os.unlink(path)
+            os.unlink(state / "gone.tmp")
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr("builtins.open", racing_open)
+    monkeypatch.setattr("os.open", racing_open)
     snapshot = store.snapshot(state, tmp_path / "staging")
     monkeypatch.undo()
     assert [f.path for f in snapshot.files] == ["keep.txt"]
