@@ -387,19 +387,27 @@ def master(ctx: click.Context, port: int | None, trace: Path | None, detach: boo
 @click.option("--instance-id", required=True)
 @click.option("--disk", type=click.Path(path_type=Path), required=True)
 @click.option("--metadata-url", required=True)
+@click.option("--key-file", type=click.Path(path_type=Path),
+              help="The machine's key (default <disk>/worker/machine.key; its ledger-id beside it).")
 @click.pass_context
-def worker(ctx: click.Context, instance_id: str, disk: Path, metadata_url: str) -> None:
+def worker(ctx: click.Context, instance_id: str, disk: Path, metadata_url: str, key_file: Path | None) -> None:
     """Run the worker daemon of one machine (started by the machine's boot script)."""
     from cbas.wiring import open_blobs, open_bus, open_volumes
+    from cbas.worker import credential
     from cbas.worker.daemon import Worker
     from cbas.worker.imds import MetadataClient
 
     settings = settings_of(ctx)
     logs.configure(json=True, level=settings.log_level)
+    path = key_file or credential.key_file(disk)
+    try:
+        machine = credential.read_credential(path)
+    except (OSError, ValueError) as exc:  # PermissionError included
+        fail(f"cannot use the machine's key {path}: {exc}", 2)
 
     async def run() -> None:
         daemon = Worker(settings, instance_id, disk, MetadataClient(metadata_url), open_blobs(settings),
-                        open_bus(settings), open_volumes(settings, instance_id, disk))
+                        open_bus(settings), open_volumes(settings, instance_id, disk), credential=machine)
         await daemon.run()
 
     asyncio.run(run())

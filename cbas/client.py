@@ -57,6 +57,18 @@ class MasterClient:
     def create_job(self, name: str | None) -> str:
         return str(self._call("POST", "/api/jobs", {"name": name})["job_id"])
 
+    def submit_job(self, job_id: str, text: str) -> str:
+        """Queue a job whose files are uploaded; returns its state."""
+        return str(self._call("POST", f"/api/jobs/{job_id}/submit", {"jdl": text})["state"])
+
+    def cancel_job(self, job_id: str) -> str:
+        try:
+            return str(self._call("POST", f"/api/jobs/{job_id}/cancel", {})["state"])
+        except ApiError as exc:
+            if exc.status == 404:
+                raise ApiError(404, f"no job with id {job_id!r} (see `cbas status`)") from None
+            raise
+
     def jobs(self) -> list[dict[str, Any]]:
         return list(self._call("GET", "/api/jobs")["jobs"])
 

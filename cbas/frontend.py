@@ -1,12 +1,12 @@
 """What `cbas submit` and `cbas fetch` do, apart from printing.
 
 Submit: validate the JDL and every file it names before anything happens; get a job id from the
-master; archive and upload the prologue and input sandbox; only then send ADD_JOB.
+master; archive and upload the prologue and input sandbox; only then submit it (POST
+/api/jobs/<id>/submit, with the API token: jobs never come through the message bus).
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import tempfile
 from contextlib import contextmanager
@@ -20,9 +20,8 @@ from cbas import jdl
 from cbas.archive import Member, pack, unpack
 from cbas.backends import BlobNotFound, BlobStore
 from cbas.client import MasterClient
-from cbas.messages import MASTER, AddJob, CancelJob, MessageType, envelope
 from cbas.settings import Settings
-from cbas.wiring import open_blobs, open_bus
+from cbas.wiring import open_blobs
 
 
 class SubmitError(ValueError):
@@ -111,28 +110,17 @@ def submit(settings: Settings, jdl_path: Path, show_progress: bool = True) -> st
                 archive = Path(scratch) / f"{name}.tar.zst"
                 pack(members, archive)
                 upload(blobs, f"jobs/{job_id}/{name}.tar.zst", archive, track)
-    send(settings, envelope(MessageType.ADD_JOB, AddJob(job_id=job_id, jdl=prepared.text), "cli", MASTER))
+    client.submit_job(job_id, prepared.text)
     return job_id
 
 
-def send(settings: Settings, message: object) -> None:
-    async def deliver() -> None:
-        bus = open_bus(settings)
-        try:
-            await bus.send(message)  # type: ignore[arg-type]
-        finally:
-            await bus.close()
-
-    asyncio.run(deliver())
-
-
 def cancel(settings: Settings, job_id: str) -> None:
-    MasterClient(settings).job(job_id)  # a clear error for an unknown id
-    send(settings, envelope(MessageType.CANCEL_JOB, CancelJob(job_id=job_id), "cli", MASTER))
+    MasterClient(settings).cancel_job(job_id)
 
 
 def fetch(settings: Settings, job_id: str, target: Path, show_progress: bool = True) -> list[str]:
-    """Download and unpack the output sandbox and the logs; returns what was written."""
+    """Download and unpack the output sandbox, the logs and the job's machines' console logs;
+    returns what was written."""
     blobs = open_blobs(settings)
     target.mkdir(parents=True, exist_ok=True)
     written: list[str] = []
@@ -148,5 +136,10 @@ def fetch(settings: Settings, job_id: str, target: Path, show_progress: bool = T
             except BlobNotFound:
                 continue
             (target / name).write_bytes(data)
+            written.append(name)
+        for key in blobs.list(f"jobs/{job_id}/logs/console/"):  # each machine's console, kept
+            name = f"machine-consoles/{key.rsplit('/', 1)[1]}"
+            (target / "machine-consoles").mkdir(exist_ok=True)
+            (target / name).write_bytes(blobs.get_bytes(key))
             written.append(name)
     return written

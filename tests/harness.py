@@ -6,11 +6,15 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from cbas import authority
 from cbas.archive import Member, pack
 from cbas.local.blobs import FolderBlobStore
 from cbas.messages import Envelope, MessageType, StartJob
 from cbas.settings import Settings
 from cbas.worker.job_run import JobRun
+
+
+MASTER_KEY = b"the harness plays the master"  # the job keys derive from it as the master's do
 
 
 class Harness:
@@ -24,6 +28,10 @@ class Harness:
     async def deliver(self, message: Envelope) -> bool:
         self.sent.append(message)
         return True
+
+    def checkpoint_key(self, job_id: str) -> bytes:
+        """The job's checkpoint key, as the master derives it (a test opening the job's checkpoints)."""
+        return authority.checkpoint_key(MASTER_KEY, job_id)
 
     def upload_inputs(self, job_id: str, files: dict[str, bytes | Path]) -> None:
         scratch = self.root / "scratch-in"
@@ -43,6 +51,7 @@ class Harness:
         disk = self.root / f"disk{self.attempt}"
         disk.mkdir(mode=0o711)
         start = StartJob(job_id=job_id, attempt=self.attempt, jdl=text, checkpoints=checkpoints or [], ping_interval=1)
+        start = start.with_checkpoint_key(self.checkpoint_key(job_id))  # as the worker opens it
         return JobRun(self.settings, f"i-{self.attempt}", disk, self.blobs, start, self.deliver)
 
     def of_type(self, kind: MessageType) -> list[Envelope]:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import re
 import time
 import urllib.request
@@ -23,6 +22,9 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature as _CryptoInvalid
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
+
+from cbas import jsonlimits
+from cbas.jsonlimits import TooDeep
 
 NOTIFICATION_KEYS = ("Message", "MessageId", "Subject", "Timestamp", "TopicArn", "Type")
 CONFIRMATION_KEYS = ("Message", "MessageId", "SubscribeURL", "Timestamp", "Token", "TopicArn", "Type")
@@ -130,7 +132,9 @@ class SnsVerifier:
 
     def verify(self, body: bytes) -> dict[str, Any]:
         try:
-            message = json.loads(body)
+            message = jsonlimits.loads(body)
+        except TooDeep:
+            raise
         except (ValueError, UnicodeDecodeError):
             raise InvalidSignature("body is not JSON") from None
         if not isinstance(message, dict):

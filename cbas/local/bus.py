@@ -17,9 +17,10 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import aiohttp
-from pydantic import ValidationError
 
-from cbas.backends import DeliveryError, InvalidMessage, MessageRejected
+from cbas import jsonlimits
+from cbas.backends import DeliveryError, InvalidMessage, MessageRejected, envelope_of
+from cbas.jsonlimits import TooDeep
 from cbas.local.store import connect
 from cbas.messages import Envelope
 
@@ -74,7 +75,9 @@ class LocalMessageBus:
 
     def parse_delivery(self, body: bytes) -> Envelope:
         try:
-            fields = json.loads(body)
+            fields = jsonlimits.loads(body)
+        except TooDeep:
+            raise
         except (ValueError, UnicodeDecodeError):
             raise InvalidMessage("body is not JSON") from None
         if not isinstance(fields, dict) or not all(isinstance(v, str) for v in fields.values()):
@@ -99,12 +102,7 @@ class LocalMessageBus:
             raise InvalidMessage("Timestamp is not an ISO time") from None
         if stamp.tzinfo is None or abs(datetime.now(timezone.utc) - stamp) > MAX_AGE:
             raise InvalidMessage("stale or undated Timestamp")
-        try:
-            message = Envelope.model_validate_json(fields["Message"])
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            where = ".".join(str(part) for part in first["loc"]) or "envelope"
-            raise InvalidMessage(f"envelope is invalid at {where}: {first['msg']}") from None
+        message = envelope_of(fields["Message"])
         if message.id != fields["MessageId"]:
             raise InvalidMessage("MessageId does not match the envelope id")
         return message

@@ -1,19 +1,21 @@
-"""The master's HTTP face: POST /messages (signed deliveries) and the token-protected JSON API."""
+"""The master's HTTP face: POST /messages (signed deliveries, from workers only: see gate.py) and
+the token-protected JSON API (jobs are created, submitted and cancelled only there)."""
 
 from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import time
 from typing import Any, Awaitable, Callable
 
 import structlog
 from aiohttp import web
 
-from cbas import __version__
+from cbas import __version__, jsonlimits
 from cbas.backends import BlobNotFound, InvalidMessage, NotFound, StaleWrite
+from cbas.jsonlimits import TooDeep
 from cbas.master.dashboard import add_dashboard, dashboard_token
+from cbas.master.gate import Gate, NotYet, Refused
 from cbas.master.handlers import registry
 from cbas.master.metrics import CONTENT_TYPE
 from cbas.master.service import BadRequest, Master
@@ -24,6 +26,7 @@ log = structlog.get_logger(__name__)
 
 MASTER_KEY: web.AppKey[Master] = web.AppKey("master", Master)
 TOKEN_KEY: web.AppKey[str] = web.AppKey("token", str)
+GATE_KEY: web.AppKey[Gate] = web.AppKey("gate", Gate)
 MAX_BODY = 256 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -42,6 +45,16 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return _error(413, f"body larger than {MAX_BODY} bytes")
     except web.HTTPException:
         raise
+    except TooDeep as exc:
+        return _error(400, f"body refused: {exc}")
+    except Refused as exc:
+        metrics = request.app[MASTER_KEY].metrics
+        metrics.rejected.inc()
+        metrics.refused.labels(reason=exc.reason).inc()
+        log.warning("message.refused", reason=exc.reason, error=str(exc), peer=request.remote)
+        return _error(403, f"message refused: {exc}")
+    except NotYet as exc:
+        return _error(503, str(exc))
     except InvalidMessage as exc:
         request.app[MASTER_KEY].metrics.rejected.inc()
         log.warning("message.rejected", reason=str(exc), peer=request.remote)
@@ -75,6 +88,11 @@ async def receive_message(request: web.Request) -> web.Response:
     if message.recipient != MASTER:
         raise BadRequest(f"message for {message.recipient!r} delivered to the master")
     structlog.contextvars.clear_contextvars()
+    stale = await request.app[GATE_KEY].admit(message)  # who sent it, and may it say this
+    if stale is not None:
+        master.metrics.ignored.labels(reason=stale.reason).inc()
+        log.info("message.ignored", type=message.type, sender=message.sender, why=stale.why)
+        return web.json_response({"ok": True, "ignored": stale.why})
     window = master.settings.seen_message_window
     if await master.store.seen(message.id, window):
         return web.json_response({"ok": True, "duplicate": True})
@@ -98,6 +116,26 @@ async def create_job(request: web.Request) -> web.Response:
         raise BadRequest("name must be a string")
     job = await request.app[MASTER_KEY].create_job(name)
     return web.json_response({"job_id": job.id}, status=201)
+
+
+async def submit_job(request: web.Request) -> web.Response:
+    """The job's files are uploaded: queue it (what ADD_JOB on the bus did, now only here)."""
+    payload = await _json(request)
+    text = payload.get("jdl")
+    if not isinstance(text, str):
+        raise BadRequest("jdl must be the job's JDL text")
+    master = request.app[MASTER_KEY]
+    job_id = request.match_info["job_id"]
+    await master.add_job(job_id, text)
+    return web.json_response({"ok": True, "state": (await master.store.get_job(job_id)).state.value})
+
+
+async def cancel_job(request: web.Request) -> web.Response:
+    await _json(request)  # (no fields; a body, if any, must still be sound)
+    master = request.app[MASTER_KEY]
+    job_id = request.match_info["job_id"]
+    await master.cancel_job(job_id)
+    return web.json_response({"ok": True, "state": (await master.store.get_job(job_id)).state.value})
 
 
 async def list_jobs(request: web.Request) -> web.Response:
@@ -171,7 +209,9 @@ async def _json(request: web.Request) -> dict[str, Any]:
     if not request.can_read_body:
         return {}
     try:
-        payload = json.loads(await request.read())
+        payload = jsonlimits.loads(await request.read())
+    except TooDeep:
+        raise
     except ValueError:
         raise BadRequest("body is not JSON") from None
     if not isinstance(payload, dict):
@@ -183,11 +223,14 @@ def create_app(master: Master, token: str) -> web.Application:
     app = web.Application(middlewares=[errors_middleware, token_middleware], client_max_size=MAX_BODY)
     app[MASTER_KEY] = master
     app[TOKEN_KEY] = token
+    app[GATE_KEY] = Gate(master.keys, master.resources, master.store, registry)
     app.router.add_post("/messages", receive_message)
     app.router.add_get("/api/health", health)
     app.router.add_post("/api/jobs", create_job)
     app.router.add_get("/api/jobs", list_jobs)
     app.router.add_get("/api/jobs/{job_id}", get_job)
+    app.router.add_post("/api/jobs/{job_id}/submit", submit_job)
+    app.router.add_post("/api/jobs/{job_id}/cancel", cancel_job)
     app.router.add_post("/api/gc", collect_garbage)
     app.router.add_get("/metrics", metrics)
     app.router.add_get("/api/jobs/{job_id}/logs/{stream}", job_log)

@@ -1,34 +1,26 @@
-"""One thin handler per message type: validate (done by the registry), call the Master."""
+"""One thin handler per message type a worker sends: validate (done by the registry), call the
+Master. The gate (gate.py) has checked the sender and the claims first. ADD_JOB and CANCEL_JOB have
+no handler: jobs are created, submitted and cancelled only through the API."""
 
 from __future__ import annotations
 
 import structlog
 
+from cbas import authority
 from cbas.master.service import Master
 from cbas.messages import (
-    AddJob, CancelJob, CheckpointDone, Envelope, JobDone, JobFailed, MessageRegistry, MessageType, Ping,
-    SpotNotice, WorkerStarted,
+    CheckpointDone, CheckpointFailure, Envelope, JobDone, JobFailed, MessageRegistry, MessageType, Ping, SpotNotice,
+    WorkerStarted,
 )
 from cbas.models import CheckpointRecord
 
 registry: MessageRegistry[Master] = MessageRegistry()
 
 
-@registry.handler(MessageType.ADD_JOB)
-async def on_add_job(master: Master, message: Envelope, body: AddJob) -> None:
-    structlog.contextvars.bind_contextvars(job_id=body.job_id)
-    await master.add_job(body.job_id, body.jdl)
-
-
-@registry.handler(MessageType.CANCEL_JOB)
-async def on_cancel_job(master: Master, message: Envelope, body: CancelJob) -> None:
-    structlog.contextvars.bind_contextvars(job_id=body.job_id)
-    await master.cancel_job(body.job_id)
-
-
 @registry.handler(MessageType.WORKER_STARTED)
 async def on_worker_started(master: Master, message: Envelope, body: WorkerStarted) -> None:
     await master.worker_started(body.instance_id)
+    await master.forget_key_drop(authority.claimed_ledger_id(message))  # its worker has the key now
 
 
 @registry.handler(MessageType.PING)
@@ -45,6 +37,12 @@ async def on_checkpoint_done(master: Master, message: Envelope, body: Checkpoint
         reason=body.reason, deadline_margin_seconds=body.deadline_margin_seconds, snapshot_id=body.snapshot_id,
     )
     await master.checkpoint_done(record, body.final, instance_id=message.sender.removeprefix("worker/"))
+
+
+@registry.handler(MessageType.CHECKPOINT_FAILED)
+async def on_checkpoint_failed(master: Master, message: Envelope, body: CheckpointFailure) -> None:
+    structlog.contextvars.bind_contextvars(job_id=body.job_id)
+    await master.checkpoint_failed(body)
 
 
 @registry.handler(MessageType.SPOT_NOTICE)

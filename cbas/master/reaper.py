@@ -13,6 +13,7 @@ from datetime import datetime, timedelta
 
 import structlog
 
+from cbas.authority import KEY_DROPS
 from cbas.backends import BlobStore, Cloud, JobStore, Leftover, MessageBus, NotFound
 from cbas.models import Job, utcnow
 
@@ -71,6 +72,13 @@ def plan(leftovers: list[Leftover], job_prefixes: list[str], holdings: Holdings,
     return doomed
 
 
+def stale_key_drops(keys: list[str], live_ledger: set[str]) -> list[str]:
+    """Keys left for machines' boots (machines/<ledger id>/key) whose machine is gone. `live_ledger`
+    must be read after `keys` were listed: an entry is written before its key, so a launch under
+    way is always live."""
+    return [key for key in keys if key.removeprefix(KEY_DROPS).split("/", 1)[0] not in live_ledger]
+
+
 class Reaper:
     def __init__(self, store: JobStore, cloud: Cloud, blobs: BlobStore, bus: MessageBus,
                  retention: timedelta, grace: timedelta) -> None:
@@ -107,7 +115,23 @@ class Reaper:
             except Exception as exc:  # one failure must not stop the rest; the next pass retries
                 report.failed.append(f"{label}: {exc}")
                 log.warning("gc.failed", kind=item.kind, id=item.id, error=str(exc))
+        await self._remove_key_drops(report)
         return report
+
+    async def _remove_key_drops(self, report: GcReport) -> None:
+        drops = await asyncio.to_thread(self.blobs.list, KEY_DROPS)
+        live = {entry.id for entry in await self.store.list_ledger(live_only=True)}
+        for key in stale_key_drops(drops, live):
+            label = f"key-drop {key} (its machine is gone)"
+            if report.dry_run:
+                report.removed.append(label)
+                continue
+            try:
+                await asyncio.to_thread(self.blobs.delete, key)
+                report.removed.append(label)
+                log.info("gc.removed", kind="key-drop", id=key)
+            except Exception as exc:
+                report.failed.append(f"{label}: {exc}")
 
     async def _exists(self, job_id: str) -> bool:
         try:

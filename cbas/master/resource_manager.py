@@ -10,9 +10,11 @@ import secrets
 from dataclasses import dataclass, field
 
 import structlog
+from pydantic import SecretStr
 
 from cbas.backends import Cloud, JobStore
 from cbas.faults import crash_point
+from cbas.master.credentials import MachineKeys
 from cbas.models import DiskSpec, LaunchSpec, LedgerEntry, LedgerState, Machine, utcnow
 from cbas.scheduler.placement import Placement
 
@@ -27,10 +29,11 @@ class Reconciliation:
 
 
 class ResourceManager:
-    def __init__(self, store: JobStore, cloud: Cloud, cluster: str) -> None:
+    def __init__(self, store: JobStore, cloud: Cloud, cluster: str, keys: MachineKeys) -> None:
         self.store = store
         self.cloud = cloud
         self.cluster = cluster
+        self.keys = keys  # each launch carries its machine's key, derived from the entry's id
         # live entries by machine, for the ping path; every ledger write of this master goes
         # through _put, so once reconcile() has filled it the index is the ledger's truth
         self._live: dict[str, LedgerEntry] | None = None
@@ -56,6 +59,7 @@ class ResourceManager:
             ledger_id=entry.id, job_id=job_id, instance_type=placement.instance_type,
             zone=placement.zone, market=placement.market,
             max_price=max_price if placement.market == "spot" else None,
+            machine_key=SecretStr(self.keys.credential(entry.id).key.hex()),
             **(disk.model_dump() if disk else {}),
         )
         crash_point("launch-ledger-written")
@@ -80,6 +84,18 @@ class ResourceManager:
         now = utcnow()
         return await self._put(entry.model_copy(update={
             "state": LedgerState.TERMINATED, "terminated_at": now, "cost": entry.cost_until(now), "reason": reason}))
+
+    async def entry_by_id(self, ledger_id: str) -> LedgerEntry | None:
+        """The ledger entry with this id, live or not (a machine's messages name it)."""
+        if self._live is not None:
+            for entry in self._live.values():
+                if entry.id == ledger_id:
+                    return entry
+        for live_only in (True, False):  # a launch under way, then (rarely) a machine let go
+            for entry in await self.store.list_ledger(live_only=live_only):
+                if entry.id == ledger_id:
+                    return entry
+        return None
 
     async def entry_for(self, instance_id: str) -> LedgerEntry | None:
         if self._live is not None:

@@ -15,7 +15,8 @@ from typing import Any
 import pytest
 from aiohttp import web
 
-from cbas import jdl
+from cbas import authority, jdl
+from cbas.authority import Credential
 from cbas.backends import Leftover
 from cbas.local.bus import LocalMessageBus
 from cbas.master.app import create_app
@@ -67,10 +68,11 @@ class MemoryCloud:
     async def remove(self, leftover: Leftover) -> None: ...
 
 
-def job_log(job_id: str) -> list[Envelope]:
-    """What the worker of a job with two checkpoints sends, in the order it sends it."""
+def job_log(job_id: str, credential: Credential) -> list[Envelope]:
+    """What the worker of a job with two checkpoints sends, in the order it sends it (each message
+    signed with its machine's key, as its outbox does)."""
     def send(kind: MessageType, body: Any) -> Envelope:
-        return envelope(kind, body, WORKER, "master")
+        return authority.sign(envelope(kind, body, WORKER, "master"), credential)
 
     def checkpoint(n: int) -> Envelope:
         return send(MessageType.CHECKPOINT_DONE, CheckpointDone(
@@ -85,7 +87,7 @@ def job_log(job_id: str) -> list[Envelope]:
             send(MessageType.JOB_DONE, JobDone(job_id=job_id, attempt=1, exit_code=0))]
 
 
-def chaos(messages: list[Envelope], rng: random.Random) -> list[Envelope]:
+def chaos(messages: list[Envelope], rng: random.Random, credential: Credential) -> list[Envelope]:
     """The same log as the bus might deliver it. A worker sends its checkpoints and its end one
     after another (each waits for the last to be answered), but pings run beside them; an answer
     lost makes a delivery come again, maybe much later."""
@@ -106,11 +108,19 @@ def chaos(messages: list[Envelope], rng: random.Random) -> list[Envelope]:
         first = delivered.index(message)
         delivered.insert(rng.randrange(first + 1, len(delivered) + 1), message)
     resent = [m for m in out if m.type == MessageType.CHECKPOINT_DONE][rng.randrange(2)]
-    renamed = resent.model_copy(update={"id": resent.id + "-again"})  # re-sent by a worker that lost track
+    renamed = authority.sign(resent.model_copy(update={"id": resent.id + "-again"}), credential)  # re-sent by a worker that lost track
     end = delivered.index(out[-1])  # the first JOB_DONE
     delivered.insert(rng.randrange(delivered.index(resent) + 1, end + 1), renamed)
-    stray_ping = envelope(MessageType.PING, Ping(instance_id=INSTANCE, phase="idle"), WORKER, "master")
+    stray_ping = authority.sign(envelope(MessageType.PING, Ping(instance_id=INSTANCE, phase="idle"), WORKER, "master"),
+                                credential)
     return delivered + [stray_ping]
+
+
+async def machine_credential(master: Master, job_id: str) -> Credential:
+    """The key of the machine the master launched for the job (what its worker finds on its disk)."""
+    job = await master.store.get_job(job_id)
+    [entry] = [e for e in await master.store.list_ledger(live_only=True) if e.instance_id == job.instance_id]
+    return master.keys.credential(entry.id)
 
 
 async def master_with_worker(home: Path, aiohttp_client: Any, cloud: MemoryCloud) -> tuple[Master, Any, list[bytes]]:
@@ -149,8 +159,9 @@ async def run(tmp_path: Path, aiohttp_client: Any, seed: int | None) -> dict[str
         job = await master.create_job("chaos")
         await master.add_job(job.id, JDL)
         await master.schedule()
-        log = job_log(job.id)
-        deliveries = log if seed is None else chaos(log, random.Random(seed))
+        credential = await machine_credential(master, job.id)
+        log = job_log(job.id, credential)
+        deliveries = log if seed is None else chaos(log, random.Random(seed), credential)
         bus = master.bus
         assert isinstance(bus, LocalMessageBus)
         for message in deliveries:
@@ -187,7 +198,7 @@ async def test_a_job_done_after_a_cancel_changes_nothing(tmp_path: Path, aiohttp
         await master.schedule()
         bus = master.bus
         assert isinstance(bus, LocalMessageBus)
-        log = job_log(job.id)
+        log = job_log(job.id, await machine_credential(master, job.id))
         await client.post("/messages", data=bus.sign(log[0]))  # started
         await master.cancel_job(job.id)
         for message in log[1:]:  # the worker had not heard yet

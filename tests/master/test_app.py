@@ -9,10 +9,13 @@ from pathlib import Path
 
 import pytest
 
+from cbas import authority
+from cbas.authority import Credential
 from cbas.local.bus import LocalMessageBus
 from cbas.master.app import create_app
 from cbas.master.service import Master
-from cbas.messages import AddJob, CancelJob, Envelope, MessageType, Ping, envelope
+from cbas.messages import AddJob, CancelJob, Envelope, JobDone, MessageType, Ping, envelope
+from cbas.models import LedgerEntry, LedgerState
 from cbas.settings import Settings
 from cbas.state import JobState
 from cbas.wiring import open_master_backends
@@ -48,6 +51,23 @@ async def new_job(client) -> str:
     return (await resp.json())["job_id"]
 
 
+async def submit(client, job_id: str, text: str):  # type: ignore[no-untyped-def]
+    return await client.post(f"/api/jobs/{job_id}/submit", json={"jdl": text}, headers=AUTH)
+
+
+async def machine_for(master: Master, job_id: str, instance_id: str = "i-1") -> Credential:
+    """The job placed on a machine (as the scheduler and the cloud would): the machine's credential."""
+    entry = await master.store.put_ledger(LedgerEntry(id=f"l-{instance_id}", job_id=job_id, instance_id=instance_id,
+                                                      state=LedgerState.RUNNING))
+    await master.store.mutate_job(job_id, lambda j: j.model_copy(update={"instance_id": instance_id}))
+    return master.keys.credential(entry.id)
+
+
+def from_worker(credential: Credential, instance_id: str, type_: MessageType, body: object) -> Envelope:
+    """A message as the worker's outbox sends it: signed with its machine's key."""
+    return authority.sign(envelope(type_, body, f"worker/{instance_id}", "master"), credential)  # type: ignore[arg-type]
+
+
 async def test_the_api_needs_the_token(setup) -> None:
     _, client = setup
     assert (await client.get("/api/health")).status == 200
@@ -58,21 +78,29 @@ async def test_the_api_needs_the_token(setup) -> None:
     assert (await client.get("/api/jobs", headers=AUTH)).status == 200
 
 
-async def test_add_job_queues_it_once_even_when_delivered_twice(setup) -> None:
+async def test_submit_queues_a_job_once_even_when_asked_twice(setup) -> None:
     master, client = setup
     job_id = await new_job(client)
-    message = envelope(MessageType.ADD_JOB, AddJob(job_id=job_id, jdl='Executable = "/bin/true";'), "cli", "master")
-    resp = await client.post("/messages", data=signed(master, message))
-    assert resp.status == 200, await resp.text()
+    resp = await submit(client, job_id, 'Executable = "/bin/true";')
+    assert resp.status == 200 and (await resp.json())["state"] == "QUEUED", await resp.text()
     after_first = await snapshot(master)
     assert after_first == [(job_id, "QUEUED", 1)]
-    resp = await client.post("/messages", data=signed(master, message))  # the same message again
-    assert (await resp.json()) == {"ok": True, "duplicate": True}
-    again = envelope(MessageType.ADD_JOB, AddJob(job_id=job_id, jdl='Executable = "/bin/false";'), "cli", "master")
-    assert (await client.post("/messages", data=signed(master, again))).status == 200  # a new id, same job
+    assert (await submit(client, job_id, 'Executable = "/bin/true";')).status == 200  # the CLI retried
+    assert (await submit(client, job_id, 'Executable = "/bin/false";')).status == 200  # too late to change it
     assert await snapshot(master) == after_first
     job = await master.store.get_job(job_id)
     assert job.jdl == 'Executable = "/bin/true";'
+    assert (await client.post(f"/api/jobs/{job_id}/submit", json={"jdl": 'Executable = "x";'})).status == 401
+
+
+async def test_a_message_delivered_twice_is_handled_once(setup) -> None:
+    master, client = setup
+    job_id = await new_job(client)
+    credential = await machine_for(master, job_id)
+    message = from_worker(credential, "i-1", MessageType.PING, Ping(instance_id="i-1"))
+    assert (await (await client.post("/messages", data=signed(master, message))).json()) == {"ok": True}
+    resp = await client.post("/messages", data=signed(master, message))  # the same message again
+    assert (await resp.json()) == {"ok": True, "duplicate": True}
 
 
 @pytest.mark.parametrize(
@@ -95,21 +123,41 @@ async def test_malformed_or_forged_messages_are_refused_and_change_nothing(setup
     assert await snapshot(master) == before
 
 
-async def test_signed_but_wrong_messages_get_a_clear_4xx(setup) -> None:
+async def test_wrong_submissions_get_a_clear_4xx(setup) -> None:
     master, client = setup
     job_id = await new_job(client)
     before = await snapshot(master)
     cases = [
-        (envelope(MessageType.ADD_JOB, AddJob(job_id=job_id, jdl="Executable = "), "cli", "master"), 400, "expected a value"),
-        (envelope(MessageType.ADD_JOB, AddJob(job_id="nope", jdl='Executable = "x";'), "cli", "master"), 404, "job nope"),
-        (envelope(MessageType.CANCEL_JOB, CancelJob(job_id="nope"), "cli", "master"), 404, "job nope"),
-        (Envelope(type=MessageType.PING, sender="w", recipient="master", body={"instance_id": 5}), 400, "instance_id"),
-        # a type only workers handle
-        (Envelope(type=MessageType.STOP_JOB, sender="cli", recipient="master", body={"job_id": job_id}), 400,
-         "does not handle STOP_JOB"),
-        (envelope(MessageType.PING, Ping(instance_id="i-1"), "w", "worker/i-1"), 400, "delivered to the master"),
-        (envelope(MessageType.ADD_JOB, AddJob(job_id=job_id, jdl='Executable = "x"; InputSandbox = {"in.txt"};'), "cli", "master"),
-         400, "no uploaded input archive"),
+        (f"/api/jobs/{job_id}/submit", {"jdl": "Executable = "}, 400, "expected a value"),
+        (f"/api/jobs/{job_id}/submit", {"jdl": 5}, 400, "jdl must be"),
+        (f"/api/jobs/{job_id}/submit", {"jdl": 'Executable = "x"; InputSandbox = {"in.txt"};'}, 400,
+         "no uploaded input archive"),
+        ("/api/jobs/nope/submit", {"jdl": 'Executable = "x";'}, 404, "job nope"),
+        ("/api/jobs/nope/cancel", {}, 404, "job nope"),
+    ]
+    for path, payload, status, fragment in cases:
+        resp = await client.post(path, json=payload, headers=AUTH)
+        assert resp.status == status, (path, await resp.text())
+        assert fragment in (await resp.json())["error"]
+    assert await snapshot(master) == before
+
+
+async def test_signed_but_wrong_messages_get_a_clear_4xx(setup) -> None:
+    master, client = setup
+    job_id = await new_job(client)
+    credential = await machine_for(master, job_id)
+    before = await snapshot(master)
+    cases = [
+        (authority.sign(Envelope(type=MessageType.PING, sender="worker/i-1", recipient="master",
+                                 body={"instance_id": 5}), credential), 400, "instance_id"),
+        (from_worker(credential, "i-1", MessageType.JOB_DONE, JobDone(job_id=job_id, attempt=0)).model_copy(
+            update={"recipient": "worker/i-2"}), 400, "delivered to the master"),
+        # types only workers handle, or that come only through the API
+        (authority.sign(Envelope(type=MessageType.STOP_JOB, sender="worker/i-1", recipient="master",
+                                 body={"job_id": job_id}), credential), 403, "may not send STOP_JOB"),
+        (envelope(MessageType.ADD_JOB, AddJob(job_id=job_id, jdl='Executable = "x";'), "cli", "master"), 403,
+         "only through the API"),
+        (envelope(MessageType.CANCEL_JOB, CancelJob(job_id=job_id), "cli", "master"), 403, "only through the API"),
     ]
     for message, status, fragment in cases:
         resp = await client.post("/messages", data=signed(master, message))
@@ -118,24 +166,23 @@ async def test_signed_but_wrong_messages_get_a_clear_4xx(setup) -> None:
     assert await snapshot(master) == before
 
 
-async def test_a_failed_message_is_processed_when_delivered_again(setup) -> None:
+async def test_a_refused_submission_is_accepted_when_sent_again(setup) -> None:
     master, client = setup
-    message = envelope(MessageType.ADD_JOB, AddJob(job_id="later", jdl='Executable = "x";'), "cli", "master")
-    assert (await client.post("/messages", data=signed(master, message))).status == 404
+    assert (await submit(client, "later", 'Executable = "x";')).status == 404
     from cbas.models import Job
 
     await master.store.create_job(Job(id="later"))
-    resp = await client.post("/messages", data=signed(master, message))
-    assert (await resp.json()) == {"ok": True}
+    resp = await submit(client, "later", 'Executable = "x";')
+    assert (await resp.json()) == {"ok": True, "state": "QUEUED"}
     assert (await master.store.get_job("later")).state == JobState.QUEUED
 
 
 async def test_cancel_a_queued_job_and_view_it(setup) -> None:
     master, client = setup
     job_id = await new_job(client)
-    await client.post("/messages", data=signed(master, envelope(
-        MessageType.ADD_JOB, AddJob(job_id=job_id, jdl='Executable = "x";'), "cli", "master")))
-    await client.post("/messages", data=signed(master, envelope(MessageType.CANCEL_JOB, CancelJob(job_id=job_id), "cli", "master")))
+    assert (await submit(client, job_id, 'Executable = "x";')).status == 200
+    resp = await client.post(f"/api/jobs/{job_id}/cancel", headers=AUTH)
+    assert resp.status == 200 and (await resp.json())["state"] == "CANCELLED"
     view = await (await client.get(f"/api/jobs/{job_id}", headers=AUTH)).json()
     assert view["state"] == "CANCELLED"
     assert [e["kind"] for e in view["events"]] == ["queued", "cancelled"]
@@ -154,16 +201,20 @@ async def test_bodies_over_the_limit_are_refused(setup) -> None:
 async def test_a_message_whose_handling_died_is_handled_when_it_comes_again(setup, monkeypatch) -> None:
     master, client = setup
     job_id = await new_job(client)
-    message = envelope(MessageType.ADD_JOB, AddJob(job_id=job_id, jdl='Executable = "/bin/true";'), "cli", "master")
-    real = master.add_job
+    await master.add_job(job_id, 'Executable = "/bin/true";')
+    credential = await machine_for(master, job_id)
+    for target in (JobState.PROVISIONING, JobState.STARTING, JobState.RUNNING):
+        await master.transition(job_id, target, event=target.lower(), update=lambda j: {"attempt": 1})
+    message = from_worker(credential, "i-1", MessageType.JOB_DONE, JobDone(job_id=job_id, attempt=1))
+    real = master.job_finished
 
-    async def dies(*args: object) -> None:
+    async def dies(*args: object, **kwargs: object) -> None:
         raise asyncio.CancelledError  # as if the process died mid-handling: nothing after runs
 
-    monkeypatch.setattr(master, "add_job", dies)
+    monkeypatch.setattr(master, "job_finished", dies)
     with pytest.raises(Exception):
         await client.post("/messages", data=signed(master, message))
-    monkeypatch.setattr(master, "add_job", real)
+    monkeypatch.setattr(master, "job_finished", real)
     again = await client.post("/messages", data=signed(master, message))  # the sender's retry
     assert again.status == 200 and "duplicate" not in await again.json()
-    assert (await master.store.get_job(job_id)).state == JobState.QUEUED
+    assert (await master.store.get_job(job_id)).state == JobState.COMPLETED

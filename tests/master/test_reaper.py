@@ -7,7 +7,7 @@ from pathlib import Path
 
 from cbas.backends import Leftover
 from cbas.local.volumes import FolderSnapshots
-from cbas.master.reaper import Holdings, plan
+from cbas.master.reaper import Holdings, plan, stale_key_drops
 from cbas.models import Job, utcnow
 from cbas.state import JobState
 from tests.master.test_app import AUTH, setup  # noqa: F401 (the fixture)
@@ -84,3 +84,21 @@ async def test_a_job_the_listing_missed_keeps_its_files(setup) -> None:  # noqa:
     master.store.list_jobs = lagging_index  # type: ignore[method-assign]
     report = await (await client.post("/api/gc", json={}, headers=AUTH)).json()
     assert report["removed"] == [] and master.blobs.exists(f"jobs/{job.id}/input.tar.zst")
+
+
+def test_the_key_left_for_a_machine_that_is_gone_goes() -> None:
+    keys = ["machines/l-live/key", "machines/l-gone/key"]
+    assert stale_key_drops(keys, {"l-live"}) == ["machines/l-gone/key"]
+
+
+async def test_gc_removes_keys_left_for_machines_that_are_gone(setup) -> None:  # noqa: F811
+    master, client = setup
+    from cbas.models import LedgerEntry
+
+    await master.store.put_ledger(LedgerEntry(id="l-booting", job_id="j"))  # a launch under way keeps its key
+    for ledger_id in ("l-booting", "l-gone"):
+        master.blobs.put_bytes(f"machines/{ledger_id}/key", b"k")
+    planned = (await (await client.post("/api/gc", json={"dry_run": True}, headers=AUTH)).json())["removed"]
+    assert planned == ["key-drop machines/l-gone/key (its machine is gone)"]
+    await client.post("/api/gc", json={}, headers=AUTH)
+    assert master.blobs.list("machines/") == ["machines/l-booting/key"]
