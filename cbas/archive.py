@@ -16,6 +16,10 @@ from typing import BinaryIO, Iterable
 import zstandard
 
 MAX_UNPACKED_BYTES = 64 << 30
+# a sandbox may expand this many times its packed size, past RATIO_FLOOR bytes: real data packs
+# well, but not a thousandfold (a 96 KB archive of 3 GiB of zeros is a bomb, not a data set)
+MAX_RATIO = 1000
+RATIO_FLOOR = 1 << 30
 _CHUNK = 1 << 20
 
 
@@ -81,10 +85,13 @@ def _check(member: tarfile.TarInfo, target: Path) -> Path:
 
 
 def unpack(source: Path | BinaryIO, target: Path, max_bytes: int = MAX_UNPACKED_BYTES) -> list[str]:
-    """Unpack a tar.zst into target; returns the member names. Refuses anything unsafe."""
+    """Unpack a tar.zst into target; returns the member names. Refuses anything unsafe, and an
+    archive that would expand past max_bytes or MAX_RATIO times its own size."""
     target.mkdir(parents=True, exist_ok=True)
     target = target.resolve()
     handle = open(source, "rb") if isinstance(source, Path) else source
+    if isinstance(source, Path):
+        max_bytes = min(max_bytes, max(RATIO_FLOOR, MAX_RATIO * source.stat().st_size))
     total = 0
     names: list[str] = []
     try:
@@ -99,7 +106,8 @@ def unpack(source: Path | BinaryIO, target: Path, max_bytes: int = MAX_UNPACKED_
                     continue
                 total += member.size
                 if total > max_bytes:
-                    raise ArchiveError(f"archive unpacks to more than {max_bytes} bytes")
+                    raise ArchiveError(f"archive would expand to more than {max_bytes} bytes "
+                                       f"(at most {MAX_RATIO} times its size, and the job's DiskLimit)")
                 destination.parent.mkdir(parents=True, exist_ok=True)
                 extracted = tar.extractfile(member)
                 assert extracted is not None

@@ -45,10 +45,13 @@ DEMO_ENV = {
 }
 
 
-def demo_home() -> Path:
-    home = Path(tempfile.mkdtemp(prefix="cbas-demo-"))
-    home.chmod(0o711)  # the job user (when run as root) must reach the machines folder inside
-    return home
+def demo_root() -> Path:
+    """The demo's folder: its private CBAS home, and beside it the machines' disks, which the
+    jobs' own users (when run as root) must reach."""
+    root = Path(tempfile.mkdtemp(prefix="cbas-demo-"))
+    root.chmod(0o711)
+    (root / "home").mkdir(mode=0o700)
+    return root
 
 
 def start_master(env: dict[str, str], home: Path, timeout: float = 30.0) -> subprocess.Popen[bytes]:
@@ -108,8 +111,11 @@ def run_demo(
     seed: int | None = None, time_scale: float | None = None,
 ) -> int:
     console = console or Console()
-    home = demo_home()
-    env = {**os.environ, **DEMO_ENV, "CBAS_HOME": str(home), "CBAS_MACHINES_DIR": str(home / "machines")}
+    root = demo_root()
+    home = root / "home"
+    env = {**os.environ, **DEMO_ENV, "CBAS_HOME": str(home), "CBAS_MACHINES_DIR": str(root / "machines")}
+    if os.geteuid() != 0:  # no users of their own for the jobs: run them as ourselves, and say so
+        env["CBAS_JOB_USER"] = "worker"
     if seed is not None:
         env["CBAS_MARKET_SEED"] = str(seed)
     if time_scale is not None:
@@ -163,7 +169,7 @@ def run_demo(
         for pgid in leftover_machines(home):  # the master terminates machines; make sure
             kill_group(pgid)
         if not keep and ok:
-            shutil.rmtree(home, ignore_errors=True)
+            shutil.rmtree(root, ignore_errors=True)
         else:
             console.print(f"state kept in {home} (master.log, cloud/, blobs/)")
     console.print("[bold green]demo passed[/bold green]" if ok else "[bold red]demo failed[/bold red]")

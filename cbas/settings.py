@@ -13,6 +13,9 @@ from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
+LOCAL_NOTICE_FLOOR = 10.0  # wall seconds
+
+
 def _default_home() -> Path:
     return Path.home() / ".cbas"
 
@@ -42,16 +45,26 @@ class Settings(BaseSettings):
     # (default: 3 checkpoint intervals plus a minute); it falls back to the checkpoint before
     restart_stall_timeout: float | None = None
     max_fallbacks: int = 3  # then the job fails: it is in a restart loop
+    # attempts in a row that end without a new checkpoint before the job is judged in a restart
+    # loop: it fails with the last checkpoint failure, or (none reported) runs on demand
+    max_stalled_attempts: int = 3
 
     # worker
-    notice_poll_interval: float = 5.0  # seconds between spot/instance-action polls
+    # seconds between spot/instance-action polls: EC2's advice is 5 s; None: 5 s on AWS, 1 s on the
+    # local backend (its metadata is a file, and its notices are shorter)
+    notice_poll_interval: float | None = None
     # the worker's message endpoint: where it listens, and the host it tells the bus to deliver to
     # ("metadata": the machine's public address from instance metadata, as on EC2)
     worker_listen_host: str = "127.0.0.1"
     worker_port: int = 0  # 0: any free port
     worker_advertise_host: str = ""  # "": the listen host
     log_upload_interval: float = 5.0
-    job_user: str = "nobody"  # jobs run as this user when the worker runs as root
+    # who jobs run as: "slots", a user of their own per job (cbas-slot<N>, made on first use by a
+    # root worker); a user name, one fixed user; "worker", a non-root worker's own user (no isolation)
+    job_user: str = "slots"
+    job_slot_dir: Path = Path("/run/cbas/slots")  # the slot locks, shared by the workers of one host
+    job_slots: int = 64
+    dmtcp_checkpoint_signal: int = 62  # not SIGUSR2, DMTCP's default: the JVM uses it
     signal_checkpoint_timeout: float = 60.0
     blob_retry_seconds: float = 120.0  # transient blob store errors are retried this long, then reported
     checkpoints_kept: int = 3  # older checkpoints' manifests and unshared chunks are deleted
@@ -63,7 +76,9 @@ class Settings(BaseSettings):
     # local backend
     machines_dir: Path | None = None  # each local machine's disk; see machines_root()
     market_time_scale: float = 60.0  # simulated seconds per wall second
-    market_notice_seconds: float | None = None  # wall seconds of the 2-minute notice
+    # wall seconds of the 2-minute notice; None: two minutes of market time, but never less than
+    # LOCAL_NOTICE_FLOOR, so a worker polling every second has time to checkpoint
+    market_notice_seconds: float | None = None
     market_seed: int | None = None
     market_trace: Path | None = None  # replay this trace instead of the built-in model
 
@@ -95,7 +110,12 @@ class Settings(BaseSettings):
     def notice_seconds(self) -> float:
         if self.market_notice_seconds is not None:
             return self.market_notice_seconds
-        return 120.0 / self.market_time_scale
+        return max(120.0 / self.market_time_scale, LOCAL_NOTICE_FLOOR)
+
+    def notice_poll_seconds(self) -> float:
+        if self.notice_poll_interval is not None:
+            return self.notice_poll_interval
+        return 1.0 if self.backend == "local" else 5.0
 
     def interruption_notice_seconds(self) -> float:
         """How long a reclaimed spot machine has: EC2's two minutes, or the local market's."""

@@ -1,12 +1,14 @@
 """`directory`: the job keeps its state in its working directory; the worker saves that folder.
 `volume` holds the job still the same way while its disk is snapshotted.
 
-The job's process group is stopped (SIGSTOP) while the folder is read, so the files are
-consistent with each other, then continued (SIGCONT).
+The job is held still while the folder is read, so the files are consistent with each other:
+frozen through its cgroup, which holds every process it started (a daemon that left its process
+group included); where the machine gives no cgroups, its process group is stopped (SIGSTOP).
 """
 
 from __future__ import annotations
 
+import asyncio
 import signal
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,6 +20,7 @@ from cbas.checkpoint.base import JobContext, JobProcess, strategy
 class DirectoryCheckpointer:
     name = "directory"
     exclude: frozenset[str] = frozenset()
+    immutable: frozenset[str] = frozenset()
 
     def state_dir(self, ctx: JobContext) -> Path:
         return ctx.workdir
@@ -27,6 +30,13 @@ class DirectoryCheckpointer:
 
     @asynccontextmanager
     async def quiesced(self, ctx: JobContext, job: JobProcess) -> AsyncIterator[None]:
+        if job.cgroup is not None:
+            await asyncio.to_thread(job.cgroup.freeze)
+            try:
+                yield
+            finally:
+                await asyncio.to_thread(job.cgroup.thaw)
+            return
         job.signal_group(signal.SIGSTOP)
         try:
             yield

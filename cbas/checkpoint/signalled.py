@@ -24,6 +24,7 @@ CHECKPOINT_EXIT_CODE = 85
 class SignalCheckpointer:
     name = "signal"
     exclude = frozenset({DONE_MARKER})
+    immutable: frozenset[str] = frozenset()
 
     def __init__(self, sig: int = signal.SIGUSR1, timeout: float = 60.0, poll: float = 0.05) -> None:
         self.sig = sig

@@ -9,6 +9,8 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 CheckpointStrategy = Literal["dmtcp", "directory", "signal", "volume"]
+CheckpointStorage = Literal["chunks", "volume"]
+MIB = 1 << 20
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
 _DURATION = re.compile(r"^\s*(?:\d+(?:\.\d+)?\s*[smhd]\s*)+$")
@@ -59,8 +61,29 @@ class JobDescription(BaseModel):
     # AWS: build the prologue into a machine image once (cached by the prologue's hash) instead of
     # running it on every machine the job starts on
     build_image: bool = False
-    # the `volume` strategy's data disk, GiB
+    # where checkpoints go: the chunked store, or snapshots of the job's data disk (`volume`;
+    # with `dmtcp` it is the original system's VM strategy: images and disk in one snapshot)
+    checkpoint_storage: CheckpointStorage = "chunks"
+    # the data disk of volume storage, GiB
     volume_size: int = Field(default=50, ge=1, le=16384)
+    # limits, enforced through the job's cgroup (processes, memory) or by the worker (disk, state)
+    max_processes: int = Field(default=4096, ge=1, le=4_194_304)
+    memory_limit: int | None = Field(default=None, ge=16)  # MiB; default 90% of the machine's memory
+    disk_limit: int | None = Field(default=None, ge=1)  # MiB the working and checkpoint folders may hold
+    state_size_limit: int | None = Field(default=None, ge=1)  # MiB a checkpoint's state may hold
+
+    def checkpoints_on_volume(self) -> bool:
+        """Checkpoints are snapshots of the job's data disk (`volume` storage, or the strategy)."""
+        return self.checkpoint_strategy == "volume" or self.checkpoint_storage == "volume"
+
+    def memory_limit_bytes(self) -> int | None:
+        return self.memory_limit * MIB if self.memory_limit is not None else None
+
+    def disk_limit_bytes(self) -> int | None:
+        return self.disk_limit * MIB if self.disk_limit is not None else None
+
+    def state_size_limit_bytes(self) -> int | None:
+        return self.state_size_limit * MIB if self.state_size_limit is not None else None
 
     @field_validator("deadline")
     @classmethod

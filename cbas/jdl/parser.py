@@ -38,6 +38,11 @@ KEYS: dict[str, tuple[str, str]] = {
     "ValidateCheckpoint": ("validate_checkpoint", "boolean"),
     "BuildImage": ("build_image", "boolean"),
     "VolumeSize": ("volume_size", "integer"),
+    "CheckpointStorage": ("checkpoint_storage", "string"),
+    "MaxProcesses": ("max_processes", "integer"),
+    "MemoryLimit": ("memory_limit", "integer"),
+    "DiskLimit": ("disk_limit", "integer"),
+    "StateSizeLimit": ("state_size_limit", "integer"),
 }
 _BY_LOWER = {key.lower(): key for key in KEYS}
 _FIELD_TO_KEY = {field: key for key, (field, _) in KEYS.items()}

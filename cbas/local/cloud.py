@@ -24,11 +24,14 @@ from pathlib import Path
 import structlog
 from pydantic import BaseModel
 
+from cbas.authority import Credential
 from cbas.backends import CapacityError, Leftover, NotFound
 from cbas.local.market import BuiltinMarket, MarketModel, TraceMarket
 from cbas.local.volumes import delete_snapshot, list_snapshots, restore_volume
 from cbas.models import LaunchSpec, Machine, Offer
 from cbas.scheduler.traces import load_trace
+from cbas.worker.cgroups import kill_cgroup
+from cbas.worker.credential import key_file, write_credential
 from cbas.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -126,6 +129,10 @@ class LocalCloud:
 
     # --- Cloud interface ------------------------------------------------------------------
     async def start(self) -> None:
+        machines_root = self.settings.machines_root()
+        if os.geteuid() == 0 and machines_root.resolve().is_relative_to(self.settings.home.resolve()):
+            raise RuntimeError(f"CBAS_MACHINES_DIR ({machines_root}) must be outside CBAS_HOME: jobs run as "
+                               f"users of their own, who cannot enter the master's private home")
         if self._task is None:
             self._task = asyncio.create_task(self._market_loop(), name="local-market")
 
@@ -170,6 +177,9 @@ class LocalCloud:
         (meta / "placement" / "availability-zone").write_text(spec.zone)
         if spec.data_snapshot:  # the volume strategy's disk, made from the job's last snapshot
             await asyncio.to_thread(restore_volume, self.settings.home, spec.data_snapshot, disk / "job")
+        # the machine's own key, where only its worker (this user) reads it: never in its environment
+        write_credential(key_file(disk).parent,
+                         Credential(spec.ledger_id, bytes.fromhex(spec.machine_key.get_secret_value())))
         machine = Machine(
             instance_id=instance_id,
             zone=spec.zone,
@@ -203,7 +213,7 @@ class LocalCloud:
             return
         if record.machine.state == "terminated":
             return
-        self._kill(record)
+        await asyncio.to_thread(self._kill, record)  # waits for the machine's processes to die
         record.machine.state = "terminated"
         record.ended_reason = reason
         self._save(record)
@@ -213,7 +223,11 @@ class LocalCloud:
         disk = Path(record.disk)
         if record.pgid is not None:
             kill_group(record.pgid)
-        # job process groups the worker started; read after the kill so none is missed
+        # the job's cgroups and process groups the worker recorded; read after the kill so none
+        # is missed (a cgroup holds what left its process group, too)
+        for name in _read_lines(disk / "job-cgroups"):
+            if name.strip():
+                kill_cgroup(name.strip())
         for line in _read_lines(disk / "job-pgids"):
             if line.strip().isdigit():
                 kill_group(int(line))
@@ -223,7 +237,30 @@ class LocalCloud:
                 child.wait(timeout=5)
             except subprocess.TimeoutExpired:
                 pass
+        try:  # like EC2's, the console output outlives the machine
+            (self.root / "consoles").mkdir(exist_ok=True)
+            shutil.move(disk / "console.log", self._console_copy(record.machine.instance_id))
+        except OSError:
+            pass
         shutil.rmtree(disk, ignore_errors=True)  # a terminated machine's disk is gone
+
+    def _console_copy(self, instance_id: str) -> Path:
+        return self.root / "consoles" / f"{instance_id}.log"
+
+    async def console_output(self, instance_id: str) -> bytes | None:
+        def read() -> bytes | None:
+            try:
+                record = self.record(instance_id)
+            except NotFound:
+                return None
+            for path in (Path(record.disk) / "console.log", self._console_copy(instance_id)):
+                try:
+                    return path.read_bytes()[-1 << 20:]
+                except OSError:
+                    continue
+            return None
+
+        return await asyncio.to_thread(read)
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         await asyncio.to_thread(delete_snapshot, self.settings.home, snapshot_id)
@@ -272,7 +309,7 @@ class LocalCloud:
     async def _market_loop(self) -> None:
         while True:
             try:
-                self.market_step(time.time())
+                await asyncio.to_thread(self.market_step, time.time())
             except Exception:  # the loop must survive one bad record
                 log.exception("market.step_failed")
             await asyncio.sleep(self._tick)

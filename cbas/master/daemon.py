@@ -31,7 +31,8 @@ class MasterAlreadyRunning(RuntimeError):
 
 
 def _lock(home: Path) -> int:
-    home.mkdir(parents=True, exist_ok=True)
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    home.chmod(0o700)  # the store, the keys and every job's files: the master's alone
     fd = os.open(home / "master.lock", os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

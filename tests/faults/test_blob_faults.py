@@ -56,11 +56,14 @@ async def job_life(harness: Harness, blobs: Any) -> tuple[list[str], bool]:
     """Run the counter, checkpoint it twice on the way; returns the reported checkpoints and
     whether the run ended (done or failed) rather than hung."""
     harness.blobs = RetryingBlobStore(blobs, budget_seconds=0.5, first_wait=0.01)
+    # logs uploaded only at the checkpoints and the end: the same calls in every run, so the nth
+    # call of the clean run is there to fail in each faulted one
+    harness.settings = harness.settings.model_copy(update={"log_upload_interval": 3600.0})
     run = harness.run("jf", TEXT)
     task = asyncio.create_task(run.run())
     for line in ("progress 10/40", "progress 30/40"):
         try:
-            await wait_for_line(run.root / "stdout", line, timeout=10)
+            await wait_for_line(run.layout.stdout, line, timeout=10)
         except AssertionError:
             break  # it failed before getting there: that is for the assertions below
         await run.checkpoint("interval")
@@ -113,4 +116,4 @@ async def test_a_blob_store_fault_never_hangs_a_job_or_counts_a_half_checkpoint(
         elif failed:
             assert "injected" in failed[0].body["reason"], failed[0].body["reason"]  # says what went wrong
         for checkpoint_id in reported:  # every checkpoint reported restores, chunk by chunk
-            ChunkStore(blobs.inner, "jf").restore(checkpoint_id, root / f"check-{checkpoint_id}")
+            ChunkStore(blobs.inner, "jf", harness.checkpoint_key("jf")).restore(checkpoint_id, root / f"check-{checkpoint_id}")

@@ -46,7 +46,8 @@ class Cluster:
     def __init__(self, home: Path) -> None:
         self.home = home
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("CBAS_")}
-        self.env.update(FAST, CBAS_HOME=str(home), CBAS_MACHINES_DIR=str(home / "machines"))
+        # the machines' disks beside the home: the jobs' own users cannot enter the private home
+        self.env.update(FAST, CBAS_HOME=str(home), CBAS_MACHINES_DIR=str(home.parent / f"{home.name}-machines"))
         self.masters: list[subprocess.Popen[bytes]] = []
         self.settings = Settings(home=home)
 
@@ -168,6 +169,7 @@ def cluster() -> Iterator[Cluster]:
     finally:
         cluster.close()
         shutil.rmtree(home, ignore_errors=True)
+        shutil.rmtree(home.parent / f"{home.name}-machines", ignore_errors=True)
 
 
 def expected_counter(n: int, k: int = 3) -> str:

@@ -27,14 +27,14 @@ def test_the_demo_survives_preemptions_and_leaves_nothing_running(tmp_path: Path
         assert "identical to an uninterrupted run" in result.stdout
         assert "demo passed" in result.stdout
         [home] = list(tmp_path.glob("cbas-demo-*"))
-        records = [MachineRecord.model_validate_json(p.read_text()) for p in (home / "cloud" / "machines").glob("*.json")]
+        records = [MachineRecord.model_validate_json(p.read_text()) for p in (home / "home" / "cloud" / "machines").glob("*.json")]
         assert len(records) >= 3  # at least two machines were reclaimed
         assert all(r.machine.state == "terminated" for r in records)
         reclaimed = [r for r in records if r.ended_reason == "spot capacity reclaimed" or r.notice_at]
         assert len(reclaimed) >= 2
         assert wait_until_gone([r.pgid for r in records if r.pgid]) == []
     finally:
-        for path in tmp_path.glob("cbas-demo-*/cloud/machines/*.json"):
+        for path in tmp_path.glob("cbas-demo-*/home/cloud/machines/*.json"):
             record = MachineRecord.model_validate_json(path.read_text())
             kill_groups([record.pgid] if record.pgid else [])
         shutil.rmtree(tmp_path, ignore_errors=True)

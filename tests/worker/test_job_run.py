@@ -61,7 +61,7 @@ async def test_a_root_worker_runs_the_job_as_the_job_user(harness: Harness) -> N
     uid = (run.root / "work" / "uid.txt").read_text().strip()
     import pwd
 
-    assert uid == str(pwd.getpwnam("nobody").pw_uid) != "0"
+    assert uid != "0" and pwd.getpwuid(int(uid)).pw_name.startswith("cbas-slot")  # a user of its own
 
 
 async def test_a_failing_executable_reports_exit_code_and_stderr_tail(harness: Harness) -> None:
@@ -109,7 +109,7 @@ async def test_directory_checkpoint_then_restore_resumes_instead_of_restarting(h
     text = COUNTER_JDL.replace('Arguments = "40 input.txt"', 'Arguments = "60 input.txt"')
     first = harness.run("j6", text)
     task = asyncio.create_task(first.run())
-    await wait_for_line(first.root / "stdout", "progress 20/60")
+    await wait_for_line(first.layout.stdout, "progress 20/60")
     assert await first.checkpoint("notice", final=True)  # final: the job is stopped after it
     await asyncio.wait_for(task, 10)
     [ckpt] = harness.of_type(MessageType.CHECKPOINT_DONE)
@@ -121,7 +121,7 @@ async def test_directory_checkpoint_then_restore_resumes_instead_of_restarting(h
     assert second.restored_from == ckpt.body["checkpoint_id"]
     assert harness.of_type(MessageType.JOB_DONE)
     assert (second.root / "work" / "output.txt").read_text() == expected_counter(60, 5)
-    stdout = (second.root / "stdout").read_text()
+    stdout = (second.layout.stdout).read_text()
     resumed_at = int(stdout.split("resuming at ")[1].split()[0])
     assert resumed_at >= 20  # it went on from the checkpoint, not from zero
     assert stdout.count("starting: counting") == 1  # the log was rewound to the checkpoint, not repeated
@@ -132,13 +132,13 @@ async def test_a_corrupt_newest_checkpoint_falls_back_to_the_one_before(harness:
     text = COUNTER_JDL.replace('Arguments = "40 input.txt"', 'Arguments = "50 input.txt"')
     first = harness.run("j7", text)
     task = asyncio.create_task(first.run())
-    await wait_for_line(first.root / "stdout", "progress 10/50")
+    await wait_for_line(first.layout.stdout, "progress 10/50")
     assert await first.checkpoint("interval")
-    await wait_for_line(first.root / "stdout", "progress 20/50")
+    await wait_for_line(first.layout.stdout, "progress 20/50")
     assert await first.checkpoint("notice", final=True)
     await asyncio.wait_for(task, 10)
     older, newer = [m.body["checkpoint_id"] for m in harness.of_type(MessageType.CHECKPOINT_DONE)]
-    store = ChunkStore(harness.blobs, "j7")
+    store = ChunkStore(harness.blobs, "j7", harness.checkpoint_key("j7"))
     only_newer = set(store.manifest(newer).chunk_sizes) - set(store.manifest(older).chunk_sizes)
     key = store.chunk_key(sorted(only_newer)[0])
     data = bytearray(harness.blobs.get_bytes(key))
@@ -175,7 +175,7 @@ async def test_signal_strategy_checkpoints_through_the_job_and_restores_its_dire
     second = harness.run("j8", text, checkpoints=[ckpt.body["checkpoint_id"]])
     await asyncio.wait_for(second.run(), 30)
     assert harness.of_type(MessageType.JOB_DONE)
-    restored = int((second.root / "stdout").read_text().split("restored ")[1].split()[0])
+    restored = int((second.layout.stdout).read_text().split("restored ")[1].split()[0])
     assert restored >= 10
     assert (second.root / "checkpoint" / "count").read_text().strip() == str(restored)
 
@@ -216,7 +216,7 @@ async def test_validated_checkpoints_count_only_when_a_test_restore_works(harnes
     text = COUNTER_JDL.replace('Arguments = "40 input.txt"', 'Arguments = "1000 input.txt"') + "ValidateCheckpoint = true;\n"
     run = harness.run("v1", text)
     task = asyncio.create_task(run.run())
-    await wait_for_line(run.root / "stdout", "progress 10/1000")
+    await wait_for_line(run.layout.stdout, "progress 10/1000")
     assert await run.checkpoint("interval")
     store_put = harness.blobs.put_file
 
@@ -226,7 +226,7 @@ async def test_validated_checkpoints_count_only_when_a_test_restore_works(harnes
             harness.blobs.put_bytes(key, b"R" + b"garbage")
 
     monkeypatch.setattr(harness.blobs, "put_file", corrupting_put)
-    await wait_for_line(run.root / "stdout", "progress 20/1000")
+    await wait_for_line(run.layout.stdout, "progress 20/1000")
     assert not await run.checkpoint("interval")  # uploaded, but it does not restore: it does not count
     assert len(harness.of_type(MessageType.CHECKPOINT_DONE)) == 1
     run.stop()

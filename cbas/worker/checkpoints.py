@@ -1,0 +1,205 @@
+"""Taking one job's checkpoints: hold the job only to capture, upload after, report, collect.
+
+    capture   the job held (DMTCP's hook, the cgroup freezer or SIGSTOP, the signal strategy's
+              .done): changed files are read and their new chunks staged; DMTCP's images, which
+              are never changed in place, are only opened. One capture at a time.
+    upload    the job runs again: the opened images are read, new chunks and then the manifest
+              are uploaded (or the data disk's snapshot is awaited), the checkpoint may be
+              validated, and it is reported; only then does it count.
+
+A spot notice never queues behind an interval checkpoint: it waits at most for a capture under
+way (the job is held then anyway), takes its own, and the upload of any older checkpoint gives
+way to it. Every checkpoint that does not count is reported with its reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import threading
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import structlog
+
+from cbas.backends import VolumeSnapshots
+from cbas.checkpoint.base import CheckpointFailed, Checkpointer, JobContext, JobProcess
+from cbas.checkpoint.store import ChunkStore, CommitCancelled, Snapshot
+from cbas.faults import crash_point
+from cbas.messages import CheckpointDone, CheckpointFailure, MessageType
+from cbas.untrusted import tree_size
+from cbas.worker.job_files import JobLayout
+
+log = structlog.get_logger(__name__)
+
+VOLUME_MARKER = ".cbas-checkpoint"  # volume storage: names the checkpoint a disk was snapshotted at
+Report = Callable[[MessageType, object], Awaitable[bool]]
+Validate = Callable[[str], Awaitable[str | None]]  # checkpoint id -> None if good, else why not
+
+
+@dataclass
+class Captured:
+    checkpoint_id: str
+    reason: str
+    final: bool
+    deadline: float | None
+    snapshot: Snapshot | str  # chunk store snapshot, or the id of the data disk's snapshot
+    stdout: int
+    stderr: int
+    pause: float
+    cancelled: threading.Event
+
+
+class Checkpoints:
+    def __init__(self, job_id: str, attempt: int, layout: JobLayout, checkpointer: Checkpointer, store: ChunkStore,
+                 report: Report, volumes: VolumeSnapshots | None = None, keep: int = 3,
+                 validate: Validate | None = None, upload_logs: Callable[[], None] = lambda: None,
+                 state_limit: int | None = None) -> None:
+        self.job_id = job_id
+        self.attempt = attempt
+        self.layout = layout
+        self.checkpointer = checkpointer
+        self.store = store
+        self.report = report
+        self.volumes = volumes
+        self.keep = keep
+        self.validate = validate
+        self.upload_logs = upload_logs
+        self.state_limit = state_limit  # StateSizeLimit: a bigger state does not count
+        self.restored_from: str | None = None
+        self.last_failure: str | None = None
+        self._counter = 0
+        self.capture_lock = asyncio.Lock()
+        self._uploading: list[Captured] = []
+        self._reports: set[asyncio.Task[bool]] = set()
+        self.log = log.bind(job_id=job_id, attempt=attempt)
+
+    def next_id(self) -> str:
+        self._counter += 1
+        return f"a{self.attempt:04d}-n{self._counter:05d}"
+
+    async def take(self, ctx: JobContext, process: JobProcess, reason: str, final: bool = False,
+                   deadline: float | None = None, on_captured: Callable[[], None] = lambda: None) -> bool:
+        """One checkpoint; True once it counts. `on_captured` runs when the job's state is taken
+        (a final checkpoint stops the job there: nothing it does later would be kept)."""
+        captured = await self._capture(ctx, process, reason, final, deadline)
+        if captured is None:
+            return False
+        on_captured()
+        if final:  # this one supersedes whatever is still uploading
+            for older in self._uploading:
+                older.cancelled.set()
+        self._uploading.append(captured)
+        try:
+            return await self._upload(captured)
+        finally:
+            self._uploading.remove(captured)
+            if not isinstance(captured.snapshot, str):
+                await asyncio.to_thread(self.store.release, captured.snapshot)
+
+    async def _capture(self, ctx: JobContext, process: JobProcess, reason: str, final: bool,
+                       deadline: float | None) -> Captured | None:
+        async with self.capture_lock:
+            if process.process.returncode is not None:
+                return None
+            checkpoint_id = self.next_id()
+            started = time.monotonic()
+            try:
+                async with self.checkpointer.quiesced(ctx, process):
+                    stdout, stderr = ctx.log_sizes()
+                    if self.volumes is not None:
+                        snapshot: Snapshot | str = await asyncio.to_thread(self._snapshot_volume, checkpoint_id)
+                    else:
+                        snapshot = await asyncio.to_thread(
+                            self.store.snapshot, self.checkpointer.state_dir(ctx), self.layout.staging / checkpoint_id,
+                            self.checkpointer.exclude, self.checkpointer.immutable)
+            except Exception as exc:  # the strategy, the files or the disk: this one does not count
+                self._failed(checkpoint_id, reason, str(exc) if isinstance(exc, CheckpointFailed)
+                             else f"{type(exc).__name__}: {exc}")
+                await asyncio.to_thread(shutil.rmtree, self.layout.staging / checkpoint_id, True)
+                return None
+            return Captured(checkpoint_id, reason, final, deadline, snapshot, stdout, stderr,
+                            time.monotonic() - started, threading.Event())
+
+    def _snapshot_volume(self, checkpoint_id: str) -> str:
+        assert self.volumes is not None
+        marker = self.layout.root / VOLUME_MARKER  # the worker's folder: the job cannot swap it
+        marker.write_text(checkpoint_id)
+        os.sync()  # what the job wrote is on the disk before the snapshot's point in time
+        try:
+            return self.volumes.snapshot(self.job_id, checkpoint_id)
+        except Exception as exc:
+            raise CheckpointFailed(f"snapshot of the data disk failed: {exc}") from exc
+
+    async def _upload(self, captured: Captured) -> bool:
+        started = time.monotonic()
+        checkpoint_id, snapshot = captured.checkpoint_id, captured.snapshot
+        try:
+            await asyncio.to_thread(self.upload_logs)
+            if isinstance(snapshot, str):
+                await asyncio.to_thread(self.volumes.wait, snapshot)  # type: ignore[union-attr]
+                size_bytes = new_bytes = await asyncio.to_thread(tree_size, self.layout.root)
+            else:
+                await asyncio.to_thread(self.store.finish, snapshot)
+                if self.state_limit is not None and snapshot.total_bytes > self.state_limit:
+                    raise CheckpointFailed(f"the state is {snapshot.total_bytes} bytes, over StateSizeLimit "
+                                           f"({self.state_limit} bytes)")
+                manifest = await asyncio.to_thread(
+                    self.store.commit, snapshot, checkpoint_id, self.checkpointer.name, captured.stdout,
+                    captured.stderr, captured.cancelled)
+                size_bytes, new_bytes = manifest.total_bytes, manifest.new_bytes
+            crash_point("worker-checkpoint-uploaded")
+            if self.validate is not None and not isinstance(snapshot, str):
+                problem = await self.validate(checkpoint_id)
+                if problem is not None:
+                    raise CheckpointFailed(f"validation failed: {problem}")
+        except CommitCancelled:
+            self.log.info("checkpoint.superseded", checkpoint=checkpoint_id)
+            return False
+        except Exception as exc:  # the blob store gave up, or validation: this one does not count
+            self._failed(checkpoint_id, captured.reason, str(exc) or type(exc).__name__)
+            return False
+        upload = time.monotonic() - started
+        margin = None if captured.deadline is None else captured.deadline - time.time()
+        self.log.info("checkpoint.uploaded", checkpoint=checkpoint_id, reason=captured.reason, bytes=size_bytes,
+                      new_bytes=new_bytes, pause=round(captured.pause, 3), upload=round(upload, 3),
+                      deadline_margin=None if margin is None else round(margin, 3))
+        if margin is not None and margin < 0:
+            self.log.error("checkpoint.missed_notice_deadline", checkpoint=checkpoint_id, late_by=round(-margin, 3))
+        delivered = await self.report(MessageType.CHECKPOINT_DONE, CheckpointDone(
+            job_id=self.job_id, attempt=self.attempt, checkpoint_id=checkpoint_id,
+            manifest_key="" if isinstance(snapshot, str) else self.store.manifest_key(checkpoint_id),
+            size_bytes=size_bytes, new_bytes=new_bytes, pause_seconds=captured.pause,
+            upload_seconds=upload, reason=captured.reason, final=captured.final, deadline_margin_seconds=margin,
+            snapshot_id=snapshot if isinstance(snapshot, str) else None))
+        if delivered:
+            self.last_failure = None
+        if delivered and not captured.final and self.volumes is None:
+            try:
+                await asyncio.to_thread(self._collect_garbage)
+            except Exception as exc:  # old checkpoints stay a while longer; the next pass retries
+                self.log.warning("checkpoint.collect_failed", error=str(exc))
+        return delivered
+
+    def _failed(self, checkpoint_id: str, reason: str, error: str) -> None:
+        """Say why, in the background: the report is retried while the master is away, and no
+        checkpoint waits for it."""
+        self.last_failure = error
+        self.log.warning("checkpoint.failed", checkpoint=checkpoint_id, reason=reason, error=error)
+        task = asyncio.create_task(self.report(MessageType.CHECKPOINT_FAILED, CheckpointFailure(
+            job_id=self.job_id, attempt=self.attempt, checkpoint_id=checkpoint_id, reason=reason, error=error[:2000])))
+        self._reports.add(task)
+        task.add_done_callback(self._reports.discard)
+
+    async def reported(self) -> None:
+        """Wait for the failure reports still under way (before the attempt's last word)."""
+        if self._reports:
+            await asyncio.wait(list(self._reports))
+
+    def _collect_garbage(self) -> None:
+        dropped, chunks = self.store.collect_garbage(
+            keep=self.keep, protect=[self.restored_from] if self.restored_from else [])
+        if dropped:
+            self.log.info("checkpoint.collected", dropped=dropped, chunks=chunks)
