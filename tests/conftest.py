@@ -28,3 +28,6 @@ def moto_endpoint() -> Iterator[str]:
         yield f"http://{host}:{port}"
     finally:
         server.stop()
+
+
+from tests.fakedmtcp.fixtures import fake_dmtcp  # noqa: E402, F401  (a fixture for every test)

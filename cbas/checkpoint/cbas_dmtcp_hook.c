@@ -6,11 +6,22 @@
  * checkpoint is written, and blocks until the CBAS worker answers: meanwhile the worker reads a
  * consistent state (and can start a volume snapshot). Then the application resumes.
  *
+ * At DMTCP_EVENT_RESTART (memory restored, the application's threads not yet running) it calls
+ * the socket named in dmtcp_restart's environment the same way, saying "restarted": a normal
+ * restart is answered at once; a validation restart is never answered, the worker kills it.
+ *
  * It acts only on the events it needs, with plain system calls: calling system() at RESUME hangs
  * a DMTCP 4 job, and a plugin doing stdio at every event crashed jobs at start.
  * After a restart the environment is the one saved in the image, so the socket path is read
- * again from dmtcp_restart's environment.
+ * again from dmtcp_restart's environment. dmtcp_get_restart_env() of DMTCP 4.2 and 5.0 finds only
+ * the FIRST variable of that environment (it bounds its scan by sizeof a pointer), and the
+ * worker's /bin/sh gate reorders the environment: so where it is not found, the socket is the
+ * worker's fixed place for it, ../hook/hook.sock from the folder dmtcp_restart runs in (the job's
+ * working folder; DMTCP does not restore the old working folder unless asked to).
  */
+#include <errno.h>
+#include <limits.h>
+#include <signal.h>
 #include <string.h>
 #include <stdlib.h>
 #include <unistd.h>
@@ -19,6 +30,7 @@
 #include "dmtcp.h"
 
 #define CBAS_SOCKET_VARIABLE "CBAS_HOOK_SOCKET"
+#define CBAS_SOCKET_BESIDE_WORK "../hook/hook.sock"
 
 static char socket_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
 static int socket_path_known = 0;
@@ -33,7 +45,7 @@ remember_socket_path(const char *path)
 }
 
 static void
-tell_worker_and_wait(void)
+tell_worker_and_wait(const char *message, size_t length)
 {
   struct sockaddr_un address;
   char reply[16];
@@ -53,8 +65,7 @@ tell_worker_and_wait(void)
   address.sun_family = AF_UNIX;
   strcpy(address.sun_path, socket_path);
   if (connect(fd, (struct sockaddr *)&address, sizeof(address)) == 0) {
-    static const char message[] = "checkpoint-written\n";
-    if (write(fd, message, sizeof(message) - 1) == (ssize_t)(sizeof(message) - 1)) {
+    if (write(fd, message, length) == (ssize_t)length) {
       /* blocks until the worker has what it needs; EOF or an error also lets the job go */
       while (read(fd, reply, sizeof(reply)) < 0) {
       }
@@ -63,19 +74,44 @@ tell_worker_and_wait(void)
   close(fd);
 }
 
+/*
+ * DMTCP 5.0 decides which signal its sigaction() wrapper keeps from the program by parsing
+ * DMTCP_SIGCKPT on the first call, and falls back to SIGUSR2 when errno happens to be set then
+ * (it never clears it): the JVM, whose SIGUSR2 handler is then refused, prints a warning. Making
+ * that first call here, with errno clear, settles it on the signal the worker chose.
+ */
+static void
+settle_checkpoint_signal(void)
+{
+  struct sigaction current;
+
+  errno = 0;
+  sigaction(SIGCHLD, NULL, &current);
+}
+
 static void
 cbas_event_hook(DmtcpEvent_t event, DmtcpEventData_t *data)
 {
   (void)data;
   switch (event) {
-  case DMTCP_EVENT_RESUME:
-    tell_worker_and_wait();
+  case DMTCP_EVENT_INIT:
+    settle_checkpoint_signal();
     break;
+  case DMTCP_EVENT_RESUME: {
+    static const char written[] = "checkpoint-written\n";
+    tell_worker_and_wait(written, sizeof(written) - 1);
+    break;
+  }
   case DMTCP_EVENT_RESTART: {
+    static const char restarted[] = "restarted\n";
     char path[sizeof(socket_path)];
+    char beside[PATH_MAX];
     if (dmtcp_get_restart_env(CBAS_SOCKET_VARIABLE, path, sizeof(path)) == RESTART_ENV_SUCCESS) {
       remember_socket_path(path);
+    } else if (realpath(CBAS_SOCKET_BESIDE_WORK, beside) != NULL) {
+      remember_socket_path(beside);
     }
+    tell_worker_and_wait(restarted, sizeof(restarted) - 1);
     break;
   }
   default:

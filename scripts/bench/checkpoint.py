@@ -8,6 +8,7 @@ folder. The same two states are archived with tar+zstd for comparison. Runs on t
 backend's folder blob store. Prints a table and writes JSON.
 
     scripts/bench/checkpoint.py [--size-mib 1024] [--files 64,1] [--json bench-results/checkpoint.json]
+    scripts/bench/checkpoint.py --dmtcp [--memory-mib 1024] [--json bench-results/checkpoint-dmtcp.json]
 
 Each --files layout is measured in turn; the JSON's top-level figures are the first layout's
 (64 files by default: a job's working directory), and "layouts" holds every one. With one big
@@ -84,7 +85,20 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, default=Path("bench-results/checkpoint.json"))
     parser.add_argument("--workdir", type=Path, help="scratch folder (default: a temporary one)")
+    parser.add_argument("--dmtcp", action="store_true",
+                        help="a process holding --memory-mib MiB under the real DMTCP (see checkpoint_dmtcp.py)")
+    parser.add_argument("--memory-mib", type=int, default=1024)
+    parser.add_argument("--small-mib", type=int, default=256, help="--dmtcp: the smaller notice checkpoint")
     args = parser.parse_args()
+    if args.dmtcp:
+        from checkpoint_dmtcp import run_benchmark  # noqa: E402  (beside this script)
+
+        result = run_benchmark(args.memory_mib, args.small_mib, args.workdir)
+        target = args.json if args.json != Path("bench-results/checkpoint.json") else Path("bench-results/checkpoint-dmtcp.json")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(json.dumps(result, indent=2))
+        print(f"wrote {target}")
+        return
     layouts = [measure(args.size_mib, int(files), args.regions, args.seed, args.workdir) for files in args.files.split(",")]
     result = {**layouts[0], "layouts": layouts, "cpus": os.cpu_count()}
     args.json.parent.mkdir(parents=True, exist_ok=True)
@@ -98,7 +112,7 @@ def measure(size_mib: int, files: int, regions: int, seed: int, workdir: Path | 
     try:
         state = scratch / "state"
         make_state(state, size_mib, files, rng)
-        store = ChunkStore(FolderBlobStore(scratch / "blobs"), "bench")
+        store = ChunkStore(FolderBlobStore(scratch / "blobs"), "bench", b"bench checkpoint key")
         staging = scratch / "staging"
 
         first, first_s = timed(store.save, state, "c1", "directory", staging)

@@ -17,26 +17,11 @@ from cbas.checkpoint.dmtcp import java_without_perf_data
 from cbas.checkpoint.store import ChunkStore
 from cbas.messages import MessageType
 from tests.harness import Harness, wait_for_line, wait_running
-from tests.fakedmtcp.stub_header import STUB_HEADER
 from tests.homes import reachable_tmp
 
 FAKE = Path(__file__).resolve().parents[1] / "fakedmtcp"
 COUNTER = Path(__file__).resolve().parents[2] / "examples" / "counter"
 REAL = shutil.which("dmtcp_launch")
-
-
-@pytest.fixture
-def fake_dmtcp(monkeypatch: pytest.MonkeyPatch):
-    """The fake tools in a folder the job user can reach, first on the PATH."""
-    with reachable_tmp("cbas-fakedmtcp-") as root:
-        (root / "bin").mkdir(mode=0o755)
-        for tool in ("dmtcp_launch", "dmtcp_command", "dmtcp_restart"):
-            shutil.copy(FAKE / "fake_dmtcp.py", root / "bin" / tool)
-            (root / "bin" / tool).chmod(0o755)
-        (root / "include").mkdir()
-        (root / "include" / "dmtcp.h").write_text(STUB_HEADER)
-        monkeypatch.setenv("PATH", f"{root / 'bin'}:{os.environ['PATH']}")
-        yield root
 
 
 @pytest.fixture
@@ -55,11 +40,11 @@ async def test_fake_dmtcp_checkpoint_kill_restart_resumes(harness: Harness, fake
     harness.upload_inputs("d1", {"counter.sh": COUNTER / "counter.sh", "input.txt": b"4\n"})
     first = harness.run("d1", counter_jdl(60))
     task = asyncio.create_task(first.run())
-    await wait_for_line(first.root / "stdout", "progress 20/60")
+    await wait_for_line(first.layout.stdout, "progress 20/60")
     assert await first.checkpoint("notice", final=True)
     await asyncio.wait_for(task, 10)
     [done] = harness.of_type(MessageType.CHECKPOINT_DONE)
-    manifest = ChunkStore(harness.blobs, "d1").manifest(done.body["checkpoint_id"])
+    manifest = ChunkStore(harness.blobs, "d1", harness.checkpoint_key("d1")).manifest(done.body["checkpoint_id"])
     images = [f.path for f in manifest.files if f.path.startswith(".dmtcp/ckpt_")]
     assert len(images) == 1 and images[0].endswith(".dmtcp")
     assert list((first.cache_dir).glob("cbas_dmtcp_hook-*.so"))  # the hook was built from the C source
@@ -69,14 +54,14 @@ async def test_fake_dmtcp_checkpoint_kill_restart_resumes(harness: Harness, fake
     assert second.restored_from == done.body["checkpoint_id"]
     assert harness.of_type(MessageType.JOB_DONE)
     assert (second.root / "work" / "output.txt").read_text() == "".join(f"{i} {4 * i}\n" for i in range(60))
-    assert int(re.findall(r"resuming at (\d+)", (second.root / "stdout").read_text())[0]) >= 20
+    assert int(re.findall(r"resuming at (\d+)", (second.layout.stdout).read_text())[0]) >= 20
 
 
 async def test_the_hook_holds_the_job_until_the_state_is_read(harness: Harness, fake_dmtcp: Path) -> None:
     harness.upload_inputs("d2", {"counter.sh": COUNTER / "counter.sh", "input.txt": b"1\n"})
     run = harness.run("d2", counter_jdl(1000))
     task = asyncio.create_task(run.run())
-    await wait_for_line(run.root / "stdout", "progress 10/1000")
+    await wait_for_line(run.layout.stdout, "progress 10/1000")
     output = run.root / "work" / "output.txt"
     checkpointer = run.checkpointer
     async with checkpointer.quiesced(run.ctx, run.process):  # type: ignore[arg-type]
@@ -95,7 +80,7 @@ async def test_a_checkpoint_without_images_is_rejected(harness: Harness, fake_dm
     run = harness.run("d3", counter_jdl(1000, ', FAKE_DMTCP_NO_IMAGES = "1"'))
     task = asyncio.create_task(run.run())
     await wait_running(run)
-    await wait_for_line(run.root / "stdout", "progress 10/1000")
+    await wait_for_line(run.layout.stdout, "progress 10/1000")
     assert not await run.checkpoint("interval")
     assert not harness.of_type(MessageType.CHECKPOINT_DONE)
     run.stop()
@@ -165,7 +150,7 @@ async def test_real_dmtcp_restarts_a_killed_program_to_the_same_output(harness: 
         text = 'Executable = "/usr/bin/python3"; Arguments = "sums.py"; CheckpointStrategy = "dmtcp"; CheckpointInterval = 3600;'
     first = harness.run("r1", text)
     task = asyncio.create_task(first.run())
-    await wait_for_line(first.root / "stdout", "\n20 ")
+    await wait_for_line(first.layout.stdout, "\n20 ")
     assert await first.checkpoint("notice", final=True)  # the job is killed right after
     await asyncio.wait_for(task, 20)
     [done] = harness.of_type(MessageType.CHECKPOINT_DONE)
@@ -173,7 +158,7 @@ async def test_real_dmtcp_restarts_a_killed_program_to_the_same_output(harness: 
     await asyncio.wait_for(second.run(), 60)
     assert second.restored_from == done.body["checkpoint_id"]
     assert harness.of_type(MessageType.JOB_DONE), harness.sent
-    stdout = (second.root / "stdout").read_text()
+    stdout = (second.layout.stdout).read_text()
     numbers = [line for line in stdout.splitlines() if re.fullmatch(r"\d+ \d+", line)]
     assert "\n".join(numbers) + "\n" == expected_sums()  # every line once: resumed, not rerun
     assert second.checkpointer.hook is not None  # the hook plugin was built and loaded
@@ -186,10 +171,39 @@ async def test_without_the_plugin_it_checkpoints_after_the_resume_and_warns(
     harness.upload_inputs("d5", {"counter.sh": COUNTER / "counter.sh", "input.txt": b"1\n"})
     run = harness.run("d5", counter_jdl(1000))
     task = asyncio.create_task(run.run())
-    await wait_for_line(run.root / "stdout", "progress 10/1000")
+    await wait_for_line(run.layout.stdout, "progress 10/1000")
     assert await run.checkpoint("interval")
     assert run.checkpointer.hook is None
     assert "dmtcp.no_hook" in capsys.readouterr().out
     assert harness.of_type(MessageType.CHECKPOINT_DONE)
     run.stop()
     await asyncio.wait_for(task, 10)
+
+
+async def test_a_dmtcp_too_old_fails_the_job_saying_so(harness: Harness, fake_dmtcp: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FAKE_DMTCP_VERSION", "3.1.2")
+    await asyncio.wait_for(harness.run("d6", 'Executable = "/bin/true"; CheckpointStrategy = "dmtcp";').run(), 30)
+    [failed] = harness.of_type(MessageType.JOB_FAILED)
+    assert "DMTCP 3.1 is too old" in failed.body["reason"] and "4.2 or newer" in failed.body["reason"]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="jobs run as users of their own")
+async def test_a_program_dmtcp_cannot_checkpoint_fails_its_checkpoint_with_a_reason(
+    harness: Harness, fake_dmtcp: Path,
+) -> None:
+    # without the plugin, DMTCP keeps SIGUSR2, not the signal it checkpoints with: a program that
+    # holds that one is never checkpointed (observed on 4.2.0 and 5.0); the worker gives up, saying why
+    shutil.rmtree(fake_dmtcp / "include")
+    program = b"import signal, time\nsignal.signal(62, lambda *_: None)\nwhile True:\n    print('tick', flush=True)\n    time.sleep(0.05)\n"
+    harness.upload_inputs("d7", {"hold.py": program})
+    run = harness.run("d7", 'Executable = "/usr/bin/python3"; Arguments = "hold.py"; CheckpointStrategy = "dmtcp"; '
+                            'CheckpointInterval = 3600;')
+    task = asyncio.create_task(run.run())
+    await wait_for_line(run.layout.stdout, "tick")
+    run.checkpointer.write_timeout = 3.0  # type: ignore[attr-defined]
+    assert not await run.checkpoint("interval")
+    [failed] = harness.of_type(MessageType.CHECKPOINT_FAILED)
+    assert "DMTCP did not write its images within 3s" in failed.body["error"]
+    run.stop()
+    await asyncio.wait_for(task, 20)
