@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable, Protocol
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
+
+from cbas import jsonlimits
 
 from cbas.messages import Envelope
 from cbas.models import CheckpointRecord, Job, JobEvent, LaunchSpec, LedgerEntry, Machine, Offer
@@ -47,6 +49,27 @@ class MessageRejected(RuntimeError):
 
 class InvalidMessage(ValueError):
     """A delivery that is malformed, unsigned, badly signed or stale."""
+
+
+def envelope_of(text: str) -> Envelope:
+    """The envelope a verified notification carries (its Message); InvalidMessage if it is none,
+    TooDeep (a 400) if it nests deeper than any envelope."""
+    try:
+        document = jsonlimits.loads(text)
+    except jsonlimits.TooDeep:
+        raise
+    except ValueError:
+        raise InvalidMessage("the notification's Message is not JSON") from None
+    try:
+        return Envelope.model_validate(document)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "envelope"
+        raise InvalidMessage(f"envelope is invalid at {where}: {first['msg']}") from None
+
+
+class AccessNotGranted(RuntimeError):
+    """A job's machine cannot be given access to the job's files (or was given none)."""
 
 
 async def mutate_with_retries(store: JobStore, job_id: str, change: JobMutation, attempts: int = 20) -> Job | None:
@@ -129,12 +152,69 @@ class Cloud(Protocol):
     async def list_machines(self) -> list[Machine]: ...
     async def offers(self) -> list[Offer]: ...
     async def delete_snapshot(self, snapshot_id: str) -> None: ...
+    async def console_output(self, instance_id: str) -> bytes | None:
+        """What the machine printed on its console (its boot and its worker), also once it is gone."""
+        ...
+
     async def leftovers(self) -> list[Leftover]:
         """Everything of this cluster's that the reaper may judge: machines, volumes, snapshots..."""
         ...
 
     async def remove(self, leftover: Leftover) -> None: ...
     async def close(self) -> None: ...
+
+
+ACCESS_REFRESH_BEFORE = timedelta(minutes=20)  # a worker whose job access expires sooner gets fresh access
+
+
+class JobCredentials(Protocol):
+    """The master's side of a job's file access: what the one machine running the job needs to
+    reach that job's files and no other's, sealed with that machine's key (cbas.authority), so it
+    travels in START_JOB and DATA_ACCESS. "" where the worker needs nothing (local: it reads the
+    folder store as root). On AWS: short-lived S3 credentials scoped to jobs/<id>/."""
+
+    async def sealed_for(self, machine_key: bytes, job_id: str) -> str:
+        """Raise AccessNotGranted if the cloud refuses."""
+        ...
+
+
+class JobBlobs(Protocol):
+    """The worker's side: the blob store through which it reaches one job's files."""
+
+    def accept(self, machine_key: bytes, job_id: str, sealed: str) -> None:
+        """New (or fresher) access for the job, as JobCredentials.sealed_for made it."""
+        ...
+
+    def blobs_for(self, job_id: str) -> BlobStore:
+        """Raise AccessNotGranted if the job's access never came."""
+        ...
+
+    def expires_at(self, job_id: str) -> datetime | None:
+        """When the job's newest access runs out (the worker's PING says it); None: never."""
+        ...
+
+
+class NoJobCredentials:
+    """Locally: workers reach the (folder) blob store themselves."""
+
+    async def sealed_for(self, machine_key: bytes, job_id: str) -> str:
+        return ""
+
+
+class SharedJobBlobs:
+    """Locally: every job's files through the worker's own blob store."""
+
+    def __init__(self, blobs: BlobStore) -> None:
+        self.blobs = blobs
+
+    def accept(self, machine_key: bytes, job_id: str, sealed: str) -> None:
+        pass
+
+    def blobs_for(self, job_id: str) -> BlobStore:
+        return self.blobs
+
+    def expires_at(self, job_id: str) -> datetime | None:
+        return None
 
 
 class ImageBuilder(Protocol):

@@ -10,7 +10,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Any, Awaitable, Callable, Generic, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from cbas.models import utcnow
 
@@ -22,17 +22,21 @@ def worker_address(instance_id: str) -> str:
 
 
 class MessageType(StrEnum):
+    # ADD_JOB and CANCEL_JOB are refused on the bus (cbas/master/gate.py): jobs are submitted and
+    # cancelled only through the token-protected API; the types stay so the refusal can name them
     ADD_JOB = "ADD_JOB"
     CANCEL_JOB = "CANCEL_JOB"
     WORKER_STARTED = "WORKER_STARTED"
     START_JOB = "START_JOB"
     PING = "PING"
     CHECKPOINT_DONE = "CHECKPOINT_DONE"
+    CHECKPOINT_FAILED = "CHECKPOINT_FAILED"
     SPOT_NOTICE = "SPOT_NOTICE"
     JOB_DONE = "JOB_DONE"
     JOB_FAILED = "JOB_FAILED"
     STOP_JOB = "STOP_JOB"
     CHECKPOINT_NOW = "CHECKPOINT_NOW"
+    DATA_ACCESS = "DATA_ACCESS"
 
 
 class Envelope(BaseModel):
@@ -44,6 +48,8 @@ class Envelope(BaseModel):
     recipient: str = Field(max_length=128)
     sent_at: datetime = Field(default_factory=utcnow)
     body: dict[str, Any] = Field(default_factory=dict)
+    # "v1:<ledger id>:<hmac>" made with the sending or receiving machine's key (cbas.authority)
+    auth: str | None = Field(default=None, max_length=256)
 
 
 class _Body(BaseModel):
@@ -70,6 +76,23 @@ class StartJob(_Body):
     checkpoints: list[str] = Field(default_factory=list)  # good ones to restore, newest first
     ping_interval: float
     prologue_in_image: bool = False  # the machine's image has the prologue built in: skip it
+    # the key that seals the job's checkpoint manifests, sealed for this machine (cbas.authority)
+    checkpoint_key: str = Field(default="", max_length=256)
+    # access to the job's files (AWS: S3 credentials for jobs/<id>/ only), sealed for this machine;
+    # "" where the worker needs none (backends.JobCredentials)
+    data_access: str = Field(default="", max_length=16384)
+    _opened_key: bytes | None = PrivateAttr(default=None)  # never serialised, never logged
+
+    def with_checkpoint_key(self, key: bytes) -> StartJob:
+        """This START_JOB with its checkpoint key opened (by the worker, with its machine key)."""
+        opened = self.model_copy()
+        opened._opened_key = key
+        return opened
+
+    def opened_checkpoint_key(self) -> bytes:
+        if self._opened_key is None:
+            raise ValueError(f"START_JOB of job {self.job_id}: its checkpoint key was not opened with the machine key")
+        return self._opened_key
 
 
 class Ping(_Body):
@@ -79,6 +102,7 @@ class Ping(_Body):
     phase: str = "idle"  # idle | starting | running | finishing
     restored_from: str | None = None  # the checkpoint this attempt really started from
     bad_checkpoints: list[str] = Field(default_factory=list)  # failed verification on restore
+    data_access_expires: datetime | None = None  # the job's file access runs out then: renew before
 
 
 class CheckpointDone(_Body):
@@ -94,6 +118,16 @@ class CheckpointDone(_Body):
     final: bool = False  # taken on a spot notice; the job is stopped after it
     deadline_margin_seconds: float | None = None  # notice checkpoints: time left when it counted
     snapshot_id: str | None = None  # volume strategy: the snapshot that holds the state
+
+
+class CheckpointFailure(_Body):
+    """A checkpoint that does not count, and why: the master shows it and judges restart loops."""
+
+    job_id: str
+    attempt: int
+    checkpoint_id: str
+    reason: str  # interval | notice | rebalance | scheduler | validation
+    error: str = Field(max_length=2000)
 
 
 class SpotNotice(_Body):
@@ -129,6 +163,15 @@ class CheckpointNow(_Body):
     reason: str = ""
 
 
+class DataAccess(_Body):
+    """Fresh access to the job's files, sealed for the machine (the master's answer to a PING
+    whose access expires soon)."""
+
+    job_id: str
+    attempt: int
+    sealed: str = Field(min_length=1, max_length=16384)
+
+
 BODY_MODELS: dict[MessageType, type[_Body]] = {
     MessageType.ADD_JOB: AddJob,
     MessageType.CANCEL_JOB: CancelJob,
@@ -136,11 +179,13 @@ BODY_MODELS: dict[MessageType, type[_Body]] = {
     MessageType.START_JOB: StartJob,
     MessageType.PING: Ping,
     MessageType.CHECKPOINT_DONE: CheckpointDone,
+    MessageType.CHECKPOINT_FAILED: CheckpointFailure,
     MessageType.SPOT_NOTICE: SpotNotice,
     MessageType.JOB_DONE: JobDone,
     MessageType.JOB_FAILED: JobFailed,
     MessageType.STOP_JOB: StopJob,
     MessageType.CHECKPOINT_NOW: CheckpointNow,
+    MessageType.DATA_ACCESS: DataAccess,
 }
 
 

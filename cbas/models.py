@@ -6,7 +6,7 @@ from datetime import datetime, timezone
 from enum import StrEnum
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, SecretStr
 
 from cbas.state import JobState
 
@@ -36,6 +36,8 @@ class Job(BaseModel):
     restored_from: str | None = None  # checkpoint the current attempt started from
     attempt_checkpoints: int = 0  # checkpoints the current attempt has taken: its progress
     fallbacks: int = 0  # restarts that failed or stalled and fell back to an older checkpoint
+    stalled_attempts: int = 0  # attempts in a row that ended without a checkpoint of their own
+    last_checkpoint_error: str | None = None  # why the newest failed checkpoint did not count
     run_seconds: float = 0.0  # seconds spent RUNNING, summed over attempts
     running_since: datetime | None = None
     cost: float = 0.0  # USD of machines already terminated
@@ -144,3 +146,5 @@ class LaunchSpec(DiskSpec):
     market: Market
     max_price: float | None = None
     tags: dict[str, str] = Field(default_factory=dict)
+    # the machine's own key (hex; cbas.authority): handed to the machine only, never dumped or shown
+    machine_key: SecretStr = Field(exclude=True, repr=False)

@@ -25,6 +25,8 @@ class Metrics:
         self.checkpoint_seconds = Histogram(
             "cbas_checkpoint_seconds", "Checkpoint duration (pause and upload)", registry=r,
             buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 900))
+        self.checkpoint_failures = Counter("cbas_checkpoint_failures", "Checkpoints that did not count, with "
+                                           "their reason in the job's events", registry=r)
         self.checkpoint_bytes = Histogram(
             "cbas_checkpoint_new_bytes", "Bytes a checkpoint had to store", registry=r,
             buckets=tuple(float(1 << n) for n in range(10, 41, 3)))
@@ -33,6 +35,11 @@ class Metrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0))
         self.rejected = Counter("cbas_messages_rejected", "Deliveries refused (bad signature, malformed)",
                                 registry=r)
+        self.refused = Counter("cbas_messages_refused", "Signed deliveries refused: a sender saying what it may "
+                               "not (no or bad auth, another machine, another job, a type it may not send)",
+                               ["reason"], registry=r)
+        self.ignored = Counter("cbas_messages_ignored", "Genuine but stale messages (a machine the job has left, "
+                               "an older attempt): answered, nothing changed", ["reason"], registry=r)
 
     async def render(self, store: JobStore) -> bytes:
         counts = {state: 0 for state in JobState}

@@ -98,6 +98,10 @@ class SchedulerAdapter:
     def place(self, job: Job, description: JobDescription, types: list[str]) -> Decision:
         """Where a queued job should run now, if anywhere."""
         offers = [self.offers[key] for key in self._markets(types)]
+        if job.stalled_attempts >= self.settings.max_stalled_attempts and offers:
+            best = min(offers, key=lambda o: o.ondemand_price)  # a machine that stays until a checkpoint
+            return Decision("launch", Placement(best.zone, best.instance_type, "on-demand", best.ondemand_price),
+                            f"on-demand: {job.stalled_attempts} attempts in a row were lost before a checkpoint")
         if not self.deadline_aware(description):
             placement = cheapest_spot(types, description.max_price, offers)
             if placement is None:

@@ -7,7 +7,6 @@ machine and the attempt number, so a duplicated, late or reordered message chang
 from __future__ import annotations
 
 import asyncio
-import functools
 import secrets
 import time
 from dataclasses import dataclass
@@ -16,21 +15,26 @@ from typing import Any, Callable
 
 import structlog
 
-from cbas import jdl
+from cbas import authority, jdl
 from cbas.backends import (
-    BlobStore, CapacityError, Cloud, DeliveryError, ImageBuilder, JobStore, MessageBus, MessageRejected, NotFound,
-    StaleWrite,
+    BlobStore, CapacityError, Cloud, DeliveryError, ImageBuilder,
+    JobCredentials, JobStore, MessageBus, MessageRejected, NoJobCredentials, NotFound, StaleWrite,
 )
-from cbas.faults import crash_point
+from cbas.master.credentials import MachineKeys, load_master_key
 from cbas.master.job_images import JobImages
 from cbas.master.metrics import Metrics
 from cbas.master.reaper import GcReport, Reaper
 from cbas.master.resource_manager import ResourceManager
 from cbas.master.scheduler_adapter import SchedulerAdapter
 from cbas.master.timers import Deadlines
+from cbas.master.views import describe, job_view, where
+from cbas.master.worker_events import WorkerEvents
 from cbas.master.worker_manager import WorkerManager
-from cbas.messages import MASTER, CheckpointNow, Envelope, MessageType, Ping, StartJob, StopJob, envelope, worker_address
-from cbas.models import CheckpointRecord, DiskSpec, Job, JobEvent, LedgerEntry, LedgerState, Offer, utcnow
+from cbas.messages import (
+    MASTER, CheckpointNow, Envelope, MessageType, StopJob, envelope,
+    worker_address,
+)
+from cbas.models import DiskSpec, Job, JobEvent, LedgerEntry, Offer, utcnow
 from cbas.settings import Settings
 from cbas.state import JobState, can_transition
 
@@ -48,12 +52,7 @@ class Backends:
     bus: MessageBus
     cloud: Cloud
     images: ImageBuilder | None = None  # None: this backend builds no images (prologues run on the machines)
-
-
-@functools.lru_cache(maxsize=4096)
-def describe(text: str) -> jdl.JobDescription:
-    """A job's JDL, parsed once: every scheduling pass needs it, and it never changes."""
-    return jdl.parse(text)
+    job_credentials: JobCredentials | None = None  # None: workers reach the blob store themselves (local)
 
 
 def allowed_types(requested: list[str], default: str, offered: list[str]) -> list[str]:
@@ -63,33 +62,15 @@ def allowed_types(requested: list[str], default: str, offered: list[str]) -> lis
     return [default] if default in offered else offered
 
 
-def measured_restart(job: Job) -> float | None:
-    """Launch to running, averaged over the job's starts (exponentially, the newest weighing most)."""
-    if job.provisioned_at is None:
-        return job.restart_seconds
-    sample = (utcnow() - job.provisioned_at).total_seconds()
-    return sample if job.restart_seconds is None else 0.5 * job.restart_seconds + 0.5 * sample
-
-
-def checkpoint_detail(record: CheckpointRecord) -> str:
-    detail = (f"{record.id} ({record.reason}): {record.size_bytes} bytes, {record.new_bytes} new, "
-              f"pause {record.pause_seconds:.2f}s, upload {record.upload_seconds:.2f}s")
-    if record.snapshot_id:
-        detail += f", disk snapshot {record.snapshot_id}"
-    if record.deadline_margin_seconds is not None:
-        detail += f", {record.deadline_margin_seconds:.1f}s before the machine is reclaimed"
-    return detail
-
-
-def where(entry: LedgerEntry) -> str:
-    return f"{entry.market} {entry.instance_type} in {entry.zone} at ${entry.price}/h"
+def console_key(job_id: str, instance_id: str) -> str:
+    return f"jobs/{job_id}/logs/console/{instance_id}.log"
 
 
 def new_job_id() -> str:
     return secrets.token_hex(4)
 
 
-class Master:
+class Master(WorkerEvents):
     def __init__(self, settings: Settings, backends: Backends, workers: WorkerManager | None = None) -> None:
         self.settings = settings
         self.store = backends.store
@@ -98,7 +79,9 @@ class Master:
         self.cloud = backends.cloud
         self.images = JobImages(backends.images, self.store, self.blobs, self._image_failed, self.kick)
         self.metrics = Metrics()
-        self.resources = ResourceManager(self.store, self.cloud, settings.cluster)
+        self.keys = MachineKeys(load_master_key(settings.home))  # every machine's key derives from it
+        self.job_credentials = backends.job_credentials or NoJobCredentials()
+        self.resources = ResourceManager(self.store, self.cloud, settings.cluster, self.keys)
         self.reaper = Reaper(self.store, self.cloud, self.blobs, self.bus,
                              retention=timedelta(days=settings.retention_days),
                              grace=timedelta(seconds=settings.reaper_grace))
@@ -287,7 +270,7 @@ class Master:
                 raise BadRequest(f"job {job_id} has no uploaded {name} archive (jobs/{job_id}/{name}.tar.zst)")
         job = await self.store.get_job(job_id)
         if job.state != JobState.SUBMITTING:
-            return  # added already: a repeated ADD_JOB changes nothing
+            return  # added already: a repeated submission changes nothing
         await self.transition(
             job_id, JobState.QUEUED, event="queued", detail=description.name or description.executable,
             update=lambda _: {"jdl": text, "name": description.name or _.name},
@@ -304,15 +287,43 @@ class Master:
 
     async def _send_quietly(self, message: Envelope) -> None:
         try:
-            await self.bus.send(message)
+            await self.bus.send(await self._signed(message))
         except (DeliveryError, MessageRejected) as exc:
             log.warning("message.undelivered", type=message.type, recipient=message.recipient, error=str(exc))
+
+    async def _signed(self, message: Envelope) -> Envelope:
+        """A message to a worker, signed with its machine's key: the worker takes no other."""
+        entry = await self.resources.entry_for(message.recipient.removeprefix("worker/"))
+        if entry is None:
+            raise DeliveryError(f"{message.recipient} is no machine of this master's any more")
+        return authority.sign(message, self.keys.credential(entry.id))
+
+    async def forget_key_drop(self, ledger_id: str) -> None:
+        """The copy of a machine's key left for its boot (AWS) goes once its worker has it, or
+        the machine is let go; the reaper removes any the master missed."""
+        try:
+            await asyncio.to_thread(self.blobs.delete, authority.key_drop(ledger_id))
+        except Exception as exc:
+            log.warning("key_drop.not_deleted", ledger_id=ledger_id, error=str(exc))
 
     async def _release(self, job_id: str, instance_id: str, reason: str) -> None:
         self.workers.forget(instance_id)
         entry = await self.resources.terminate(instance_id, reason)
+        if entry is not None:
+            await self.forget_key_drop(entry.id)
         if entry is not None and entry.cost:
             await self.store.mutate_job(job_id, lambda job: job.model_copy(update={"cost": job.cost + entry.cost}))
+        if entry is not None:
+            await self._keep_console(job_id, instance_id)
+
+    async def _keep_console(self, job_id: str, instance_id: str) -> None:
+        """The machine's console goes with the job's logs: a failure it shows outlives the machine."""
+        try:
+            output = await self.cloud.console_output(instance_id)
+            if output:
+                await asyncio.to_thread(self.blobs.put_bytes, console_key(job_id, instance_id), output)
+        except Exception as exc:  # the logs are a help, never a reason to fail
+            log.warning("console.not_kept", job_id=job_id, instance_id=instance_id, error=str(exc))
 
     # --- scheduling -------------------------------------------------------------------------
     async def schedule(self) -> None:
@@ -381,7 +392,7 @@ class Master:
 
     async def _disk_for(self, job: Job, description: jdl.JobDescription) -> DiskSpec:
         disk = DiskSpec(image_id=job.image_id)
-        if description.checkpoint_strategy == "volume":
+        if description.checkpoints_on_volume():
             snapshots = [c.snapshot_id for c in await self.store.list_checkpoints(job.id) if c.snapshot_id and not c.bad]
             disk.data_volume_gib = description.volume_size
             disk.data_snapshot = snapshots[-1] if snapshots else None
@@ -410,218 +421,6 @@ class Master:
         await self._send_quietly(envelope(MessageType.STOP_JOB, StopJob(job_id=job.id, reason=reason, checkpoint=True),
                                           MASTER, worker_address(job.instance_id)))
 
-    # --- worker events ----------------------------------------------------------------------
-    async def worker_started(self, instance_id: str) -> None:
-        entry = await self.resources.entry_for(instance_id)
-        if entry is None:
-            log.warning("worker.unknown_machine", instance_id=instance_id)
-            await self.cloud.terminate(instance_id)
-            return
-        job = await self.store.get_job(entry.job_id)
-        if job.state == JobState.QUEUED:
-            # the worker booted before the scheduler recorded the placement: record it now
-            placed = await self.transition(job.id, JobState.PROVISIONING, event="provisioning",
-                                           detail=where(entry), update=lambda _: {"instance_id": instance_id})
-            job = placed or await self.store.get_job(entry.job_id)
-        if self.workers.was_noticed(instance_id):
-            return  # about to be reclaimed: the job is restarted elsewhere at the notice's end
-        if job.state != JobState.PROVISIONING or job.instance_id != instance_id:
-            if job.instance_id == instance_id and job.state.has_machine():
-                await self.machine_lost(job.id, instance_id, "worker restarted on its machine")
-            elif job.state.is_terminal() or job.instance_id != instance_id:
-                await self._release(job.id, instance_id, reason="machine not needed")
-            return
-        checkpoints = await self._restorable(job.id)
-        started = await self.transition(
-            job.id, JobState.STARTING, instance_id=instance_id, event="starting",
-            detail=f"on {instance_id}" + (f", restoring {checkpoints[0]}" if checkpoints else ", fresh start"),
-            update=lambda j: {
-                "attempt": j.attempt + 1,
-                "restarts": j.restarts + (1 if j.attempt > 0 else 0),
-                "restored_from": checkpoints[0] if checkpoints else None,
-                "attempt_checkpoints": 0,
-            },
-        )
-        if started is None:
-            return
-        crash_point("start-recorded")
-        if started.attempt > 1:
-            self.metrics.restarts.inc()
-        self.workers.pinged(instance_id)
-        await self._send_start(started, instance_id, checkpoints)
-
-    async def _restorable(self, job_id: str) -> list[str]:
-        good = [c.id for c in reversed(await self.store.list_checkpoints(job_id)) if not c.bad]
-        return good[: self.settings.checkpoints_kept]  # older ones are garbage-collected
-
-    async def _send_start(self, job: Job, instance_id: str, checkpoints: list[str]) -> None:
-        body = StartJob(job_id=job.id, attempt=job.attempt, jdl=job.jdl, checkpoints=checkpoints,
-                        ping_interval=self.settings.ping_interval, prologue_in_image=bool(job.image_id))
-        try:
-            await self.bus.send(envelope(MessageType.START_JOB, body, MASTER, worker_address(instance_id)))
-        except (DeliveryError, MessageRejected) as exc:
-            await self.machine_lost(job.id, instance_id, f"cannot reach its worker: {exc}")
-
-    async def pinged(self, ping: Ping) -> None:
-        entry = await self.resources.entry_for(ping.instance_id)
-        if entry is None:
-            return  # a late ping from a machine already let go
-        self.workers.pinged(ping.instance_id)
-        if not ping.job_id:
-            job = await self.store.get_job(entry.job_id)
-            if job.state == JobState.STARTING and job.instance_id == ping.instance_id:
-                # its START_JOB was lost (or the master died before sending it): send it again;
-                # the worker ignores a START_JOB it already has
-                log.info("start.resent", job_id=job.id, instance_id=ping.instance_id, attempt=job.attempt)
-                await self._send_start(job, ping.instance_id, await self._restorable(job.id))
-            return
-        for bad in ping.bad_checkpoints:
-            await self.store.mark_checkpoint_bad(ping.job_id, bad)
-        if ping.phase == "running":
-            detail = f"attempt {ping.attempt}, " + (f"restored from {ping.restored_from}" if ping.restored_from else "fresh start")
-            if ping.bad_checkpoints:
-                detail += f"; unusable checkpoints: {', '.join(ping.bad_checkpoints)}"
-            running = await self.transition(
-                ping.job_id, JobState.RUNNING, attempt=ping.attempt, instance_id=ping.instance_id,
-                event="running", detail=detail, update=lambda j: {
-                    "restored_from": ping.restored_from, "restart_seconds": measured_restart(j)})
-            if running is not None:
-                self._watch_progress(running)
-
-    def _watch_progress(self, job: Job) -> None:
-        """A restart from a checkpoint must take a checkpoint of its own in time, or it is stalled."""
-        if job.state == JobState.RUNNING and job.restored_from and job.attempt_checkpoints == 0:
-            self.progress.arm(job.id, time.time() + self.stall_timeout(job))
-
-    def stall_timeout(self, job: Job) -> float:
-        if self.settings.restart_stall_timeout is not None:
-            return self.settings.restart_stall_timeout
-        return 3 * describe(job.jdl).checkpoint_interval + 60.0
-
-    async def checkpoint_done(self, record: CheckpointRecord, final: bool, instance_id: str) -> None:
-        job = await self.store.get_job(record.job_id)
-        if job.attempt != record.attempt or job.state.is_terminal():
-            log.info("checkpoint.stale", job_id=job.id, checkpoint=record.id)
-            return
-        if await self.store.add_checkpoint(record):
-            crash_point("checkpoint-recorded")
-            took = record.pause_seconds + record.upload_seconds
-            self.metrics.checkpoint_seconds.observe(took)
-            self.metrics.checkpoint_bytes.observe(record.new_bytes)
-            await self.store.mutate_job(job.id, lambda j: j.model_copy(update={
-                "checkpoint_seconds": took if j.checkpoint_seconds is None else 0.5 * (j.checkpoint_seconds + took),
-                "last_checkpoint_at": record.created_at,
-                "checkpoints": j.checkpoints + 1,
-                "attempt_checkpoints": j.attempt_checkpoints + (1 if j.attempt == record.attempt else 0),
-                "last_checkpoint": max(record.id, j.last_checkpoint or ""),
-            }))
-            self.progress.disarm(job.id)
-            await self.store.add_event(JobEvent(
-                job_id=job.id, kind="checkpoint",
-                detail=checkpoint_detail(record),
-            ))
-            if record.snapshot_id:
-                await self.drop_snapshots(job.id, keep=self.settings.checkpoints_kept)
-        if final and job.instance_id:
-            if job.id in self.moving:
-                reason, _ = self.moving.pop(job.id)
-                await self._restart_elsewhere(job.id, job.instance_id, f"{reason} (checkpointed)", event="moved",
-                                              update=lambda j: {})
-            else:
-                await self.machine_lost(job.id, job.instance_id, "spot interruption notice (checkpointed)", spot=True)
-
-    async def spot_notice(self, instance_id: str, action_time: float) -> None:
-        entry = await self.resources.entry_for(instance_id)
-        if entry is None:
-            return
-        self.workers.noticed(instance_id, action_time)
-        await self.store.add_event(JobEvent(job_id=entry.job_id, kind="spot-notice", detail=f"on {instance_id}"))
-
-    async def job_finished(self, job_id: str, attempt: int, ok: bool, update: dict[str, Any], detail: str) -> None:
-        target = JobState.COMPLETED if ok else JobState.FAILED
-        job = await self.store.get_job(job_id)
-        if (not ok and job.attempt == attempt and not job.state.is_terminal()
-                and job.restored_from and job.attempt_checkpoints == 0):
-            await self.fall_back(job, f"the restart from {job.restored_from} failed: {detail}")
-            return
-        self.progress.disarm(job_id)
-        new = await self.transition(job_id, target, attempt=attempt, event=target.lower(), detail=detail,
-                                    update=lambda _: update)
-        crash_point("job-finished-recorded")
-        if new is not None and job.instance_id:
-            await self._release(job_id, job.instance_id, reason=f"job {target.lower()}")
-
-    async def check_workers(self) -> None:
-        for job_id, (reason, deadline) in list(self.moving.items()):
-            if time.time() > deadline:
-                del self.moving[job_id]
-                job = await self.store.get_job(job_id)
-                if job.instance_id and job.state.has_machine():
-                    await self._restart_elsewhere(job_id, job.instance_id, f"{reason}; no checkpoint came in time",
-                                                  event="moved", update=lambda j: {})
-        for job_id in self.progress.pop_expired(time.time()):
-            job = await self.store.get_job(job_id)
-            if job.state == JobState.RUNNING and job.restored_from and job.attempt_checkpoints == 0:
-                await self.fall_back(job, f"no new checkpoint within {self.stall_timeout(job):.0f}s of restoring "
-                                          f"{job.restored_from}")
-        for instance_id in self.workers.dead():
-            entry = await self.resources.entry_for(instance_id)
-            if entry is None:
-                continue
-            spot = self.workers.was_noticed(instance_id)
-            reason = "spot capacity reclaimed" if spot else "worker stopped answering"
-            await self.machine_lost(entry.job_id, instance_id, reason, spot=spot)
-
-    async def machine_lost(self, job_id: str, instance_id: str | None, reason: str, spot: bool = False) -> None:
-        """The job's machine is gone or going: release it and queue the job again."""
-        await self._restart_elsewhere(job_id, instance_id, reason, event="preempted" if spot else "machine-lost",
-                                      update=lambda j: {"preemptions": j.preemptions + (1 if spot else 0)})
-        if spot:
-            self.metrics.preemptions.inc()
-
-    async def fall_back(self, job: Job, reason: str) -> None:
-        """A restart from a checkpoint failed or stalled: never use that checkpoint again."""
-        self.progress.disarm(job.id)
-        if job.fallbacks >= self.settings.max_fallbacks:
-            message = f"restart loop: {job.fallbacks + 1} restarts from checkpoints made no progress; last: {reason}"
-            failed = await self.transition(job.id, JobState.FAILED, event="failed", detail=message,
-                                           update=lambda _: {"error": message})
-            if failed is not None and job.instance_id:
-                await self._release(job.id, job.instance_id, reason="job failed")
-            return
-        if job.restored_from:
-            await self.store.mark_checkpoint_bad(job.id, job.restored_from)
-        await self._restart_elsewhere(job.id, job.instance_id, f"{reason}; falling back to the checkpoint before it",
-                                      event="fallback", update=lambda j: {"fallbacks": j.fallbacks + 1})
-
-    async def _restart_elsewhere(self, job_id: str, instance_id: str | None, reason: str, event: str,
-                                 update: Callable[[Job], dict[str, Any]]) -> None:
-        lost = await self.transition(job_id, JobState.PREEMPTED, instance_id=instance_id, event=event, detail=reason,
-                                     update=lambda j: {**update(j), "instance_id": None})
-        if instance_id:
-            await self._release(job_id, instance_id, reason=reason)
-        if lost is not None:
-            await self.transition(job_id, JobState.QUEUED, event="requeued", detail="restart from the newest good checkpoint")
-            self.kick()
-
     # --- views ------------------------------------------------------------------------------
     def job_view(self, job: Job, ledger: list[LedgerEntry]) -> dict[str, Any]:
-        """What the API and the dashboard show of a job; `ledger` is the whole ledger, read once
-        for all the jobs shown."""
-        mine = [entry for entry in ledger if entry.job_id == job.id]
-        now = utcnow()
-        view = job.model_dump(mode="json", exclude={"jdl"})
-        runtime = job.run_seconds
-        if job.state == JobState.RUNNING and job.running_since is not None:
-            runtime += (now - job.running_since).total_seconds()
-        view["runtime_seconds"] = runtime
-        view["cost_so_far"] = job.cost + sum(e.cost_until(now) for e in mine if e.state != LedgerState.TERMINATED)
-        description = describe(job.jdl) if job.jdl else None
-        view["deadline_at"] = (jdl.parse_deadline(description.deadline, job.submitted_at).isoformat()
-                               if description and description.deadline else None)
-        expected = description.runtime_hours() if description else None
-        view["progress"] = (1.0 if job.state == JobState.COMPLETED else
-                            min(runtime / 3600.0 / expected, 0.99) if expected else None)
-        price = self.ondemand_prices.get(mine[-1].instance_type) if mine else None
-        view["ondemand_cost"] = runtime / 3600.0 * price if price else None  # the same hours on demand
-        return view
+        return job_view(job, ledger, self.ondemand_prices)

@@ -1,4 +1,8 @@
-"""The worker daemon: announces its machine, runs the job it is given, pings, watches for notices."""
+"""The worker daemon: announces its machine, runs the job it is given, pings, watches for notices.
+
+It speaks with its machine's own credential (cbas.authority): everything it sends is signed with
+the machine key, and it takes only messages signed with that key (the master's, to it alone).
+"""
 
 from __future__ import annotations
 
@@ -10,12 +14,16 @@ from pathlib import Path
 import structlog
 from aiohttp import web
 
-from cbas.backends import BlobStore, InvalidMessage, MessageBus, VolumeSnapshots
+from cbas import authority
+from cbas.authority import Credential, Unauthorized
+from cbas.backends import BlobStore, InvalidMessage, JobBlobs, MessageBus, VolumeSnapshots
+from cbas.jsonlimits import TooDeep
 from cbas.messages import (
-    MASTER, CheckpointNow, Envelope, MessageRegistry, MessageType, Ping, SpotNotice, StartJob, StopJob,
+    MASTER, CheckpointNow, DataAccess, Envelope, MessageRegistry, MessageType, Ping, SpotNotice, StartJob, StopJob,
     UnroutableMessage, WorkerStarted, envelope, worker_address,
 )
 from cbas.settings import Settings
+from cbas.wiring import open_job_blobs
 from cbas.worker.imds import MetadataClient
 from cbas.worker.job_run import JobRun
 from cbas.worker.outbox import Outbox
@@ -28,17 +36,20 @@ registry: MessageRegistry["Worker"] = MessageRegistry()
 class Worker:
     def __init__(
         self, settings: Settings, instance_id: str, disk: Path, metadata: MetadataClient, blobs: BlobStore,
-        bus: MessageBus, volumes: VolumeSnapshots | None = None,
+        bus: MessageBus, volumes: VolumeSnapshots | None = None, *, credential: Credential,
+        job_blobs: JobBlobs | None = None,
     ) -> None:
         self.settings = settings
+        self.credential = credential
         self.instance_id = instance_id
         self.address = worker_address(instance_id)
         self.disk = disk
         self.metadata = metadata
         self.blobs = blobs
+        self.job_blobs = job_blobs or open_job_blobs(settings, blobs)  # on AWS each job's own credentials
         self.bus = bus
         self.volumes = volumes
-        self.outbox = Outbox(bus)
+        self.outbox = Outbox(bus, sign=lambda message: authority.sign(message, credential))
         self.job: JobRun | None = None
         self._job_task: asyncio.Task[None] | None = None
         self.noticed = False
@@ -56,15 +67,21 @@ class Worker:
     async def receive(self, request: web.Request) -> web.Response:
         try:
             message = await self.bus.receive(await request.read())
+        except TooDeep as exc:
+            return web.json_response({"error": f"message refused: {exc}"}, status=400)
         except InvalidMessage as exc:
             log.warning("message.rejected", reason=str(exc))
             return web.json_response({"error": f"message rejected: {exc}"}, status=403)
         if message is None:
             return web.json_response({"ok": True, "control": True})
-        if message.recipient != self.address:
-            return web.json_response({"error": f"this is {self.address}, not {message.recipient}"}, status=400)
         try:
+            authority.verify(message, self.credential)  # only the master has this machine's key
+            if message.recipient != self.address:
+                return web.json_response({"error": f"this is {self.address}, not {message.recipient}"}, status=400)
             await registry.dispatch(self, message)
+        except Unauthorized as exc:
+            log.warning("message.refused", type=message.type, sender=message.sender, reason=str(exc))
+            return web.json_response({"error": f"message refused: {exc}"}, status=403)
         except UnroutableMessage as exc:
             return web.json_response({"error": str(exc)}, status=400)
         return web.json_response({"ok": True})
@@ -78,7 +95,8 @@ class Worker:
             return  # the same START_JOB again
         if self.job is not None:
             self.job.stop()
-        self.job = JobRun(self.settings, self.instance_id, self.disk, self.blobs, start, self.outbox.deliver, self.volumes)
+        self.job = JobRun(self.settings, self.instance_id, self.disk, self.job_blobs.blobs_for(start.job_id), start,
+                          self.outbox.deliver, self.volumes)
         self._job_task = asyncio.create_task(self._run_job(self.job))
 
     async def _run_job(self, job: JobRun) -> None:
@@ -100,6 +118,7 @@ class Worker:
             phase=job.phase if job else "idle",
             restored_from=job.restored_from if job else None,
             bad_checkpoints=job.bad_checkpoints if job else [],
+            data_access_expires=self.job_blobs.expires_at(job.job_id) if job else None,
         )
         await self.outbox.try_once(self._message(MessageType.PING, body))
 
@@ -134,7 +153,7 @@ class Worker:
                 if job is not None:
                     await job.on_notice(when.timestamp())
                 return
-            await asyncio.sleep(self.settings.notice_poll_interval)
+            await asyncio.sleep(self.settings.notice_poll_seconds())
 
     # --- lifecycle ----------------------------------------------------------------------------
     async def _advertised_host(self) -> str:
@@ -181,7 +200,17 @@ class Worker:
 
 @registry.handler(MessageType.START_JOB)
 async def on_start_job(worker: Worker, message: Envelope, body: StartJob) -> None:
-    worker.start_job(body)
+    # the job's checkpoint key comes sealed for this machine: it opens here, and goes no further
+    key = authority.open_checkpoint_key(worker.credential.key, body.job_id, body.checkpoint_key)
+    if body.data_access:  # the job's files, for this machine alone (sealed the same way)
+        worker.job_blobs.accept(worker.credential.key, body.job_id, body.data_access)
+    worker.start_job(body.with_checkpoint_key(key))
+
+
+@registry.handler(MessageType.DATA_ACCESS)
+async def on_data_access(worker: Worker, message: Envelope, body: DataAccess) -> None:
+    if worker.job is not None and (worker.job.job_id, worker.job.start.attempt) == (body.job_id, body.attempt):
+        worker.job_blobs.accept(worker.credential.key, body.job_id, body.sealed)  # uploads under way go on
 
 
 @registry.handler(MessageType.STOP_JOB)

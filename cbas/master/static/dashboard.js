@@ -114,7 +114,8 @@ async function jobPage(jobId) {
     `${job.name || ""} · attempt ${job.attempt}, ${job.restarts} restarts, ${job.preemptions} preemptions, ` +
     `${job.checkpoints} checkpoints · cost ${money(job.cost_so_far)}` +
     (job.ondemand_cost ? ` (on demand: ${money(job.ondemand_cost)})` : "") +
-    (job.deadline_at ? ` · deadline ${when(job.deadline_at)}` : "") + (job.error ? ` · ${job.error}` : "");
+    (job.deadline_at ? ` · deadline ${when(job.deadline_at)}` : "") + (job.error ? ` · ${job.error}` : "") +
+    (job.last_checkpoint_error ? ` · last checkpoint failed: ${job.last_checkpoint_error}` : "");
   for (const stream of ["stdout", "stderr"]) document.getElementById(stream).href = `/api/jobs/${job.id}/logs/${stream}`;
   document.getElementById("output").href = `/api/jobs/${job.id}/output`;
   document.getElementById("timeline").replaceChildren(timeline(job));
@@ -123,6 +124,9 @@ async function jobPage(jobId) {
     when(c.created_at)]));
   fill("events", job.events.slice().reverse().map((e) => [when(e.at), e.kind, e.detail]));
   document.querySelectorAll("#events td:last-child").forEach((td) => td.classList.add("detail"));
+  document.querySelectorAll("#events tr").forEach((tr) => {
+    if (tr.children[1] && tr.children[1].textContent === "checkpoint-failed") tr.classList.add("failed");
+  });
 }
 
 async function refresh() {
