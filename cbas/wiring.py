@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 from cbas.settings import Settings
 
 if TYPE_CHECKING:  # the implementations are imported when asked for, not at start-up
-    from cbas.backends import BlobStore, MessageBus, VolumeSnapshots
+    from cbas.backends import BlobStore, JobBlobs, MessageBus, VolumeSnapshots
     from cbas.master.service import Backends
 
 
@@ -53,6 +53,19 @@ def _open_blobs(settings: Settings) -> BlobStore:
     return FolderBlobStore(settings.home / "blobs")
 
 
+def open_job_blobs(settings: Settings, blobs: BlobStore) -> JobBlobs:
+    """How the worker reaches a job's files: locally through its own store (`blobs`); on AWS with
+    the job's own short-lived credentials, which the master sends (the instance role has none)."""
+    if settings.backend == "aws":
+        from cbas.aws.job_access import ScopedJobBlobs
+
+        _require_aws(settings, "aws_bucket")
+        return ScopedJobBlobs(settings.aws_bucket, settings.aws_region, retry_seconds=settings.blob_retry_seconds)
+    from cbas.backends import SharedJobBlobs
+
+    return SharedJobBlobs(blobs)
+
+
 def open_bus(settings: Settings) -> MessageBus:
     if settings.backend == "aws":
         import boto3
@@ -92,6 +105,7 @@ def open_master_backends(settings: Settings) -> Backends:
         from cbas.aws.dynamodb import DynamoJobStore
         from cbas.aws.ec2 import Ec2Cloud, presigned_user_data, publish_worker_wheel, worker_environment
         from cbas.aws.images import ImageBuilder
+        from cbas.aws.job_access import StsJobCredentials
         from cbas.local.cloud import settings_env
 
         _require_aws(settings, "aws_table", "aws_image_id", "public_url", "aws_worker_wheel")
@@ -109,6 +123,8 @@ def open_master_backends(settings: Settings) -> Backends:
                            instance_profile=settings.aws_instance_profile or None,
                            security_groups=settings.aws_security_groups, sqs=sqs),
             images=ImageBuilder(ec2, sqs, blobs, settings.cluster, settings.aws_image_id),
+            job_credentials=StsJobCredentials(boto3.client("sts", region_name=settings.aws_region), settings.cluster,
+                                              settings.aws_bucket),
         )
     from cbas.local.cloud import LocalCloud
     from cbas.local.store import SqliteJobStore

@@ -40,10 +40,15 @@ def test_aws_backends_from_settings(tmp_path: Path) -> None:
         backends = open_master_backends(settings)
         assert backends.store.table_name == "cbas"  # type: ignore[attr-defined]
         assert backends.blobs.exists("dist/cbas-0.1.0-py3-none-any.whl")  # published for the workers
+        from pydantic import SecretStr
+
         from cbas.models import LaunchSpec
 
+        key = "cd" * 32
         script = backends.cloud.user_data(LaunchSpec(ledger_id="l", job_id="j", instance_type="c5.large",  # type: ignore[attr-defined]
-                                                     zone="us-east-1a", market="spot"))
+                                                     zone="us-east-1a", market="spot", machine_key=SecretStr(key)))
         assert "dist/cbas-0.1.0-py3-none-any.whl" in script and "Expires" in script
+        assert key not in script and "machines/l/key" in script  # only a URL that expires
+        assert backends.blobs.get_bytes("machines/l/key").decode() == key  # where the URL points
         assert "CBAS_JOB_USER=cbas-job" in script and "CBAS_AWS_BUCKET=cbas-bucket" in script
         assert "api-token" not in script and "CBAS_HOME" not in script

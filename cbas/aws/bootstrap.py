@@ -1,13 +1,17 @@
 """`cbas aws bootstrap` / `teardown`: the AWS resources one CBAS cluster needs, made idempotently.
 
 Names derive from the cluster name and account, so running bootstrap again finds what exists and
-creates only what is missing. The worker role gets the least privilege it needs: its job's
-prefix in the bucket and publishing to (and subscribing its endpoint on) the cluster's topic.
+creates only what is missing. Every policy is here, and docs/aws.md shows each (a test keeps them
+equal): the workers' instance role (SNS for its messages, snapshots of the cluster's volumes,
+describe calls; no S3 at all), the job-data role (jobs/* in the bucket; only the master's
+principal may assume it, and it does so with a session policy naming one job's prefix:
+cbas/aws/job_access.py), and the master's and the frontend's policies, the operator's to attach.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,6 +20,9 @@ from botocore.exceptions import ClientError
 
 from cbas.aws.dynamodb import DynamoJobStore
 from cbas.aws.ec2 import WORKER_PORT
+from cbas.aws.job_access import job_data_role_name
+
+MASTER_PRINCIPAL_ENV = "CBAS_AWS_MASTER_PRINCIPAL"  # whom the job-data role trusts (default: bootstrap's caller)
 
 
 
@@ -36,18 +43,17 @@ def names(cluster: str, account: str, region: str) -> dict[str, str]:
         "table": f"cbas-{cluster}",
         "topic": f"cbas-{cluster}",
         "role": f"cbas-{cluster}-worker",
+        "job_data_role": job_data_role_name(cluster),
         "security_group": f"cbas-{cluster}-workers",
     }
 
 
-def worker_policy(bucket: str, topic_arn: str, cluster: str) -> dict[str, Any]:
+def worker_policy(topic_arn: str, cluster: str) -> dict[str, Any]:
+    """The instance role: anything that runs as root on the machine may use it, so it reaches no
+    job's files (each job's come with the job: job_access.py), and never machines/*."""
     return {
         "Version": "2012-10-17",
         "Statement": [
-            {"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
-             "Resource": f"arn:aws:s3:::{bucket}/jobs/*"},
-            {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": f"arn:aws:s3:::{bucket}",
-             "Condition": {"StringLike": {"s3:prefix": "jobs/*"}}},
             {"Effect": "Allow", "Action": ["sns:Publish", "sns:Subscribe", "sns:Unsubscribe", "sns:ConfirmSubscription"],
              "Resource": topic_arn},
             # the volume strategy: snapshot the cluster's own volumes, tagged for the cluster
@@ -60,13 +66,102 @@ def worker_policy(bucket: str, topic_arn: str, cluster: str) -> dict[str, Any]:
     }
 
 
+def job_data_policy(bucket: str) -> dict[str, Any]:
+    """The job-data role's own policy: the most any job's session may do (each session's policy
+    narrows it to jobs/<id>/)."""
+    return {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject"],
+         "Resource": f"arn:aws:s3:::{bucket}/jobs/*"},
+        {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": f"arn:aws:s3:::{bucket}",
+         "Condition": {"StringLike": {"s3:prefix": "jobs/*"}}},
+    ]}
+
+
+def job_data_trust(master_principal: str) -> dict[str, Any]:
+    """Only the master's user or role may assume the job-data role."""
+    return {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": {"AWS": [master_principal]}, "Action": "sts:AssumeRole"}]}
+
+
+def frontend_policy(bucket: str) -> dict[str, Any]:
+    """`cbas submit`, `fetch` and `logs`: the rest goes through the master's API and its token."""
+    return {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject"], "Resource": f"arn:aws:s3:::{bucket}/jobs/*"},
+        # so that a file not there yet (an output being made) is a 404, not a 403
+        {"Effect": "Allow", "Action": "s3:ListBucket", "Resource": f"arn:aws:s3:::{bucket}",
+         "Condition": {"StringLike": {"s3:prefix": "jobs/*"}}},
+    ]}
+
+
+def master_policy(bucket: str, region: str, account: str, cluster: str) -> dict[str, Any]:
+    """What the master needs, on the cluster's resources only (docs/aws.md shows it)."""
+    table = f"arn:aws:dynamodb:{region}:{account}:table/cbas-{cluster}"
+    tagged = {"StringEquals": {"aws:ResourceTag/cbas:cluster": cluster}}
+    return {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Action": ["dynamodb:GetItem", "dynamodb:BatchGetItem", "dynamodb:PutItem",
+                                       "dynamodb:DeleteItem", "dynamodb:Query", "dynamodb:DescribeTable"],
+         "Resource": [table, f"{table}/index/*"]},
+        # jobs/* and machines/* (each launching machine's key, presigned for its boot, then deleted)
+        {"Effect": "Allow", "Action": ["s3:GetObject", "s3:PutObject", "s3:DeleteObject", "s3:ListBucket"],
+         "Resource": [f"arn:aws:s3:::{bucket}", f"arn:aws:s3:::{bucket}/*"]},
+        {"Effect": "Allow", "Action": ["sns:Publish", "sns:Subscribe", "sns:Unsubscribe", "sns:ConfirmSubscription",
+                                       "sns:ListSubscriptionsByTopic", "sns:GetSubscriptionAttributes"],
+         "Resource": f"arn:aws:sns:{region}:{account}:cbas-{cluster}"},
+        {"Effect": "Allow", "Action": ["ec2:RunInstances", "ec2:CreateTags"], "Resource": "*",
+         "Condition": {"StringEquals": {"aws:RequestTag/cbas:cluster": cluster}}},
+        {"Effect": "Allow", "Action": "ec2:TerminateInstances", "Resource": "*", "Condition": tagged},
+        {"Effect": "Allow", "Action": ["ec2:DeleteSnapshot", "ec2:DeleteVolume", "ec2:DeregisterImage"],
+         "Resource": "*", "Condition": tagged},
+        {"Effect": "Allow", "Action": ["ec2:CreateImage"], "Resource": "*"},
+        {"Effect": "Allow", "Action": ["ec2:DescribeInstances", "ec2:DescribeSpotPriceHistory", "ec2:DescribeVolumes",
+                                       "ec2:DescribeSnapshots", "ec2:DescribeImages", "ec2:DescribeInstanceAttribute",
+                                       "ec2:GetConsoleOutput"], "Resource": "*"},
+        {"Effect": "Allow", "Action": ["sqs:CreateQueue", "sqs:DeleteQueue", "sqs:ReceiveMessage",
+                                       "sqs:GetQueueAttributes", "sqs:SetQueueAttributes"],
+         "Resource": f"arn:aws:sqs:{region}:{account}:cbas-{cluster}-image-*"},
+        # listing queues is account-wide (names only); the reaper keeps to the cluster's prefix
+        {"Effect": "Allow", "Action": "sqs:ListQueues", "Resource": "*"},
+        {"Effect": "Allow", "Action": "iam:PassRole", "Resource": f"arn:aws:iam::{account}:role/cbas-{cluster}-worker"},
+        # each job's file access, for the one machine that runs it (cbas/aws/job_access.py)
+        {"Effect": "Allow", "Action": "sts:AssumeRole",
+         "Resource": f"arn:aws:iam::{account}:role/{job_data_role_name(cluster)}"},
+    ]}
+
+
+def trusted_principal(caller_arn: str) -> str:
+    """The principal a trust policy names for an identity: a role's session is its role."""
+    parts = caller_arn.split(":")
+    if len(parts) == 6 and parts[2] == "sts" and parts[5].startswith("assumed-role/"):
+        return f"arn:{parts[1]}:iam::{parts[4]}:role/{parts[5].split('/')[1]}"
+    return caller_arn
+
+
 class Bootstrap:
-    def __init__(self, cluster: str, region: str, session: Any | None = None) -> None:
+    def __init__(self, cluster: str, region: str, session: Any | None = None,
+                 master_principal: str | None = None) -> None:
         self.session = session or boto3.session.Session(region_name=region)
         self.region = region
         self.cluster = cluster
-        account = self.session.client("sts").get_caller_identity()["Account"]
-        self.names = names(cluster, account, region)
+        caller = self.session.client("sts").get_caller_identity()
+        self.names = names(cluster, caller["Account"], region)
+        # who may assume the job-data role: the master's user or role (by default whoever bootstraps)
+        self.master_principal = (master_principal or os.environ.get(MASTER_PRINCIPAL_ENV)
+                                 or trusted_principal(str(caller["Arn"])))
+
+    def _role(self, iam: Any, report: Report, name: str, trust: dict[str, Any], what: str) -> bool:
+        """Create the role if it is missing (True); else give it this trust policy (False)."""
+        try:
+            iam.get_role(RoleName=name)
+        except ClientError as exc:
+            if _code(exc) != "NoSuchEntity":
+                raise
+            iam.create_role(RoleName=name, AssumeRolePolicyDocument=json.dumps(trust),
+                            Tags=[{"Key": "cbas:cluster", "Value": self.cluster}])
+            report.created.append(f"{what} {name}")
+            return True
+        iam.update_assume_role_policy(RoleName=name, PolicyDocument=json.dumps(trust))
+        report.found.append(f"{what} {name}")
+        return False
 
     def up(self) -> Report:
         report = Report()
@@ -104,21 +199,17 @@ class Bootstrap:
         sns.set_topic_attributes(TopicArn=topic_arn, AttributeName="SignatureVersion", AttributeValue="2")
 
         iam = self.session.client("iam")
-        try:
-            iam.get_role(RoleName=n["role"])
-            report.found.append(f"role {n['role']}")
-        except ClientError as exc:
-            if _code(exc) != "NoSuchEntity":
-                raise
-            trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
+        ec2_trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
                                                              "Principal": {"Service": "ec2.amazonaws.com"}}]}
-            iam.create_role(RoleName=n["role"], AssumeRolePolicyDocument=json.dumps(trust),
-                            Tags=[{"Key": "cbas:cluster", "Value": self.cluster}])
+        if self._role(iam, report, n["role"], ec2_trust, "role and instance profile"):
             iam.create_instance_profile(InstanceProfileName=n["role"])
             iam.add_role_to_instance_profile(InstanceProfileName=n["role"], RoleName=n["role"])
-            report.created.append(f"role and instance profile {n['role']}")
         iam.put_role_policy(RoleName=n["role"], PolicyName="cbas-worker",
-                            PolicyDocument=json.dumps(worker_policy(n["bucket"], topic_arn, self.cluster)))
+                            PolicyDocument=json.dumps(worker_policy(topic_arn, self.cluster)))
+        self._role(iam, report, n["job_data_role"], job_data_trust(self.master_principal),
+                   f"job-data role (only {self.master_principal} may assume it)")
+        iam.put_role_policy(RoleName=n["job_data_role"], PolicyName="cbas-job-data",
+                            PolicyDocument=json.dumps(job_data_policy(n["bucket"])))
 
         ec2 = self.session.client("ec2")
         groups = ec2.describe_security_groups(Filters=[{"Name": "group-name", "Values": [n["security_group"]]}])
@@ -163,6 +254,13 @@ class Bootstrap:
                 sns.delete_topic(TopicArn=topic["TopicArn"])
                 report.created.append(f"deleted topic {topic['TopicArn']}")
         iam = self.session.client("iam")
+        try:
+            iam.delete_role_policy(RoleName=n["job_data_role"], PolicyName="cbas-job-data")
+            iam.delete_role(RoleName=n["job_data_role"])
+            report.created.append(f"deleted role {n['job_data_role']}")
+        except ClientError as exc:
+            if _code(exc) != "NoSuchEntity":
+                raise
         try:
             iam.delete_role_policy(RoleName=n["role"], PolicyName="cbas-worker")
             iam.remove_role_from_instance_profile(InstanceProfileName=n["role"], RoleName=n["role"])

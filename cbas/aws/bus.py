@@ -11,11 +11,10 @@ from typing import Any
 import boto3
 import structlog
 from botocore.exceptions import ClientError
-from pydantic import ValidationError
 
 from cbas.aws.retry import aws_retry
 from cbas.aws.sns import InvalidSignature, SnsVerifier
-from cbas.backends import DeliveryError, InvalidMessage
+from cbas.backends import DeliveryError, InvalidMessage, envelope_of
 from cbas.messages import Envelope
 
 log = structlog.get_logger(__name__)
@@ -88,11 +87,7 @@ class SnsMessageBus:
             return None
         if fields["Type"] == "UnsubscribeConfirmation":
             return None
-        try:
-            return Envelope.model_validate_json(fields["Message"])
-        except ValidationError as exc:
-            first = exc.errors()[0]
-            raise InvalidMessage(f"envelope is invalid at {'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+        return envelope_of(fields["Message"])
 
     async def receive(self, body: bytes) -> Envelope | None:
         return await asyncio.to_thread(self.parse_delivery, body)

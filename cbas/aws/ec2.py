@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -11,6 +12,7 @@ import boto3
 import structlog
 from botocore.exceptions import ClientError
 
+from cbas.authority import key_drop
 from cbas.aws.retry import aws_retry
 from cbas.backends import CapacityError, Leftover
 from cbas.models import LaunchSpec, Machine, Offer
@@ -35,14 +37,30 @@ def _parse_time(text: str | None) -> datetime | None:
     return datetime.fromisoformat(text.replace("Z", "+00:00")) if text else None
 
 
-def render_user_data(wheel_url: str, wheel_name: str, environment: dict[str, str], template: Path = USER_DATA_TEMPLATE) -> str:
-    """The boot script; `environment` is settings only (CBAS_*), never credentials."""
+FIREWALL_START, FIREWALL_END = "# >>> metadata firewall", "# <<< metadata firewall"
+
+
+def metadata_firewall(script: str) -> str:
+    """The lines of a rendered boot script that make instance metadata root's alone."""
+    if FIREWALL_START not in script or FIREWALL_END not in script:
+        raise ValueError("the boot script has no metadata firewall")
+    return script.split(FIREWALL_START, 1)[1].split(FIREWALL_END, 1)[0].split("\n", 1)[1]
+
+
+def render_user_data(wheel_url: str, wheel_name: str, environment: dict[str, str], key_url: str, ledger_id: str,
+                     template: Path = USER_DATA_TEMPLATE) -> str:
+    """The boot script; `environment` is settings only (CBAS_*), never credentials. The machine's
+    key is not in it either: only `key_url`, a presigned URL that expires in minutes."""
     for name, value in environment.items():
         if not name.startswith("CBAS_") or "\n" in value:
             raise ValueError(f"user-data may carry CBAS_ settings only, one line each: {name}")
+    for name, value in (("key_url", key_url), ("ledger_id", ledger_id)):
+        if "'" in value or "\n" in value:
+            raise ValueError(f"user-data {name} must be one line without quotes: {value!r}")
     lines = "\n".join(f"{name}={value}" for name, value in sorted(environment.items()))
     text = template.read_text()
-    for name, value in (("wheel_url", wheel_url), ("wheel_name", wheel_name), ("environment", lines)):
+    for name, value in (("wheel_url", wheel_url), ("wheel_name", wheel_name), ("environment", lines),
+                        ("key_url", key_url), ("ledger_id", ledger_id)):
         text = text.replace("{{" + name + "}}", value)
     if "{{" in text:  # the template names something we do not fill in
         raise ValueError(f"unfilled placeholder in {template.name}: {text[text.index('{{'):][:40]}")
@@ -71,9 +89,18 @@ def publish_worker_wheel(blobs: Any, wheel: Path) -> str:
     return key
 
 
+KEY_URL_SECONDS = 900  # the machine fetches its key at once; the URL dies in 15 minutes
+
+
 def presigned_user_data(blobs: Any, wheel_key: str, environment: dict[str, str]) -> UserData:
+    """Renders each launch's user-data. The machine's key goes to the bucket (machines/<ledger id>/key,
+    which the workers' role cannot read), and the script gets a presigned URL to it; the master
+    deletes the object once the worker has announced itself (or the machine is let go)."""
     def render(spec: LaunchSpec) -> str:
-        return render_user_data(blobs.presigned_get(wheel_key, 900), wheel_key.rsplit("/", 1)[1], environment)
+        drop = key_drop(spec.ledger_id)
+        blobs.put_bytes(drop, spec.machine_key.get_secret_value().encode())
+        return render_user_data(blobs.presigned_get(wheel_key, 900), wheel_key.rsplit("/", 1)[1], environment,
+                                blobs.presigned_get(drop, KEY_URL_SECONDS), spec.ledger_id)
 
     return render
 
@@ -133,7 +160,10 @@ class Ec2Cloud:
                 "UserData": self.user_data(spec) if callable(self.user_data) else self.user_data,
                 "Placement": {"AvailabilityZone": spec.zone},
                 "TagSpecifications": [{"ResourceType": kind, "Tags": tags} for kind in ("instance", "volume")],
-                "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled"},  # IMDSv2 only
+                # IMDSv2 only, over IPv4 only. A hop limit of 1 keeps the token from a container
+                # with its own network; the job is no container: the user-data's firewall guards it
+                "MetadataOptions": {"HttpTokens": "required", "HttpEndpoint": "enabled", "HttpPutResponseHopLimit": 1,
+                                    "HttpProtocolIpv6": "disabled"},
             }
             if spec.data_volume_gib:  # the `volume` strategy's disk: new, or made from the last snapshot
                 ebs: dict[str, Any] = {"VolumeType": "gp3", "DeleteOnTermination": True, "Encrypted": True}
@@ -169,6 +199,21 @@ class Ec2Cloud:
                     raise
 
         await asyncio.to_thread(end)
+
+    async def console_output(self, instance_id: str) -> bytes | None:
+        def read() -> bytes | None:
+            try:
+                output = aws_retry(self.client.get_console_output)(InstanceId=instance_id).get("Output")
+            except ClientError:
+                return None
+            if not output:
+                return None
+            try:
+                return base64.b64decode(output)
+            except ValueError:
+                return output.encode()
+
+        return await asyncio.to_thread(read)
 
     async def delete_snapshot(self, snapshot_id: str) -> None:
         def delete() -> None:

@@ -21,10 +21,29 @@ def _missing(error: ClientError) -> bool:
     return error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404", "NotFound")
 
 
+def _refused(error: ClientError) -> bool:
+    return error.response.get("Error", {}).get("Code") in ("AccessDenied", "403", "Forbidden")
+
+
 class S3BlobStore:
     def __init__(self, bucket: str, client: Any | None = None) -> None:
         self.bucket = bucket
         self.client = client or boto3.client("s3")
+
+    def _absent(self, key: str, error: ClientError) -> bool:
+        """Whether a failed read means the key is not there. S3 answers 403, not 404, for a missing
+        key unless the caller's ListBucket applies to the read, which a ListBucket limited to a
+        prefix (a job's own credentials) does not: then a listing of that key, which it may do,
+        tells. A key that is listed but cannot be read is a real refusal."""
+        if _missing(error):
+            return True
+        if not _refused(error):
+            return False
+        try:
+            listed = self.client.list_objects_v2(Bucket=self.bucket, Prefix=key, MaxKeys=1).get("Contents", [])
+        except ClientError:
+            return False  # may not list it either: the refusal stands
+        return not any(item["Key"] == key for item in listed)
 
     @aws_retry
     def put_file(self, key: str, path: Path, progress: Progress | None = None) -> None:
@@ -42,7 +61,7 @@ class S3BlobStore:
             self.client.download_file(self.bucket, key, str(partial), Config=TRANSFER, Callback=progress)
         except ClientError as exc:
             partial.unlink(missing_ok=True)
-            if _missing(exc):
+            if self._absent(key, exc):
                 raise BlobNotFound(key) from None
             raise
         os.replace(partial, path)
@@ -52,7 +71,7 @@ class S3BlobStore:
         try:
             return self.client.get_object(Bucket=self.bucket, Key=key)["Body"].read()
         except ClientError as exc:
-            if _missing(exc):
+            if self._absent(key, exc):
                 raise BlobNotFound(key) from None
             raise
 
@@ -61,7 +80,7 @@ class S3BlobStore:
         try:
             return int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
         except ClientError as exc:
-            if _missing(exc):
+            if self._absent(key, exc):
                 raise BlobNotFound(key) from None
             raise
 

@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Load on the master's message endpoint: a real `cbas master` (local backend) in its own
 process, and this process sending it signed PING messages over loopback, as a fleet of workers
-would. Every message is verified, checked for duplicates and dispatched, as in production.
+would. Every message is verified (the bus's signature, then its machine's own key against the
+ledger and the job it names), checked for duplicates and dispatched, as in production: the
+fleet's jobs, ledger entries and machines are in the home before the master starts.
 
 Two phases within --duration: as fast as the master answers (throughput), then a steady
 1,000 messages per second (latency), while the master's resident memory is sampled.
@@ -28,10 +30,19 @@ import aiohttp
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
+from cbas import authority  # noqa: E402
+from cbas.authority import Credential  # noqa: E402
 from cbas.local.bus import LocalMessageBus  # noqa: E402
+from cbas.local.cloud import MachineRecord  # noqa: E402
+from cbas.local.store import SqliteJobStore  # noqa: E402
+from cbas.master.credentials import MachineKeys, load_master_key  # noqa: E402
 from cbas.messages import MASTER, MessageType, Ping, envelope, worker_address  # noqa: E402
+from cbas.models import Job, LedgerEntry, LedgerState, Machine  # noqa: E402
+from cbas.state import JobState  # noqa: E402
 
-FLEET = 1000  # distinct workers the pings come from
+# distinct workers the pings come from, each a machine of the local cloud (whose market loop reads
+# every machine's record each tick: a larger fleet measures the simulator, not the message path)
+FLEET = 100
 
 
 def rss_mib(pid: int) -> float:
@@ -41,11 +52,41 @@ def rss_mib(pid: int) -> float:
     return 0.0
 
 
-def signed_pings(bus: LocalMessageBus, count: int) -> list[bytes]:
+def instance_of(n: int) -> str:
+    return f"i-{n % FLEET:017x}"
+
+
+def seed_fleet(home: Path) -> list[Credential]:
+    """FLEET jobs, each placed on a machine of the local cloud: what a master restarted under a
+    running fleet finds. Returns each machine's credential, as its worker would read it."""
+    keys = MachineKeys(load_master_key(home))
+    records = home / "cloud" / "machines"
+    records.mkdir(parents=True)
+    store = SqliteJobStore(home / "cbas.db")
+    credentials = []
+
+    async def write() -> None:
+        for n in range(FLEET):
+            instance, ledger_id = instance_of(n), f"l-{n:016x}"
+            await store.create_job(Job(id=f"{n:08x}", state=JobState.PROVISIONING, instance_id=instance))
+            await store.put_ledger(LedgerEntry(id=ledger_id, job_id=f"{n:08x}", state=LedgerState.RUNNING, market="on-demand",
+                                               instance_id=instance, zone="z1", instance_type="c5.large"))
+            machine = Machine(instance_id=instance, zone="z1", instance_type="c5.large", market="on-demand", price=0.085,
+                              tags={"cbas:cluster": "default", "cbas:ledger": ledger_id, "cbas:job": f"{n:08x}"})
+            (records / f"{instance}.json").write_text(MachineRecord(machine=machine, disk=str(home / instance)).model_dump_json())
+            credentials.append(keys.credential(ledger_id))
+        await store.close()
+
+    asyncio.run(write())
+    return credentials
+
+
+def signed_pings(bus: LocalMessageBus, credentials: list[Credential], count: int) -> list[bytes]:
     bodies = []
     for n in range(count):
-        instance = f"i-{n % FLEET:017x}"
-        bodies.append(bus.sign(envelope(MessageType.PING, Ping(instance_id=instance), worker_address(instance), MASTER)))
+        instance = instance_of(n)
+        ping = envelope(MessageType.PING, Ping(instance_id=instance), worker_address(instance), MASTER)
+        bodies.append(bus.sign(authority.sign(ping, credentials[n % FLEET])))
     return bodies
 
 
@@ -95,7 +136,8 @@ async def sample_memory(pid: int, samples: list[tuple[float, float]], stop: asyn
             pass
 
 
-async def measure(url: str, bus: LocalMessageBus, pid: int, duration: float) -> dict[str, float]:
+async def measure(url: str, bus: LocalMessageBus, credentials: list[Credential], pid: int,
+                  duration: float) -> dict[str, float]:
     memory: list[tuple[float, float]] = []
     stop = asyncio.Event()
     sampler = asyncio.create_task(sample_memory(pid, memory, stop))
@@ -103,20 +145,21 @@ async def measure(url: str, bus: LocalMessageBus, pid: int, duration: float) -> 
 
     # phase 1: as fast as it goes, a third of the time
     burst_seconds = duration / 3
-    bodies = signed_pings(bus, 10_000)
+    bodies = signed_pings(bus, credentials, 10_000)
     latencies: list[float] = []
     t0 = time.perf_counter()
     done = 0
     while time.perf_counter() - t0 < burst_seconds:
         done += await post_all(url, bodies, 32, None, latencies, t0 + burst_seconds)
-        bodies = signed_pings(bus, 10_000)  # new ids: duplicates would be answered early
+        bodies = signed_pings(bus, credentials, 10_000)  # new ids: duplicates would be answered early
     burst_rate = done / (time.perf_counter() - t0)
 
     # phase 2: a steady 1,000 per second for the rest
     steady_seconds = duration - (time.monotonic() - began)
     steady: list[float] = []
     t1 = time.perf_counter()
-    await post_all(url, signed_pings(bus, int(1000 * steady_seconds)), 64, 1000.0, steady, t1 + steady_seconds + 5)
+    await post_all(url, signed_pings(bus, credentials, int(1000 * steady_seconds)), 64, 1000.0, steady,
+                   t1 + steady_seconds + 5)
     steady_rate = len(steady) / (time.perf_counter() - t1)
     stop.set()
     await sampler
@@ -146,6 +189,7 @@ def main() -> None:
         home = Path(home_text)
         env = {k: v for k, v in os.environ.items() if not k.startswith("CBAS_")}
         env.update(CBAS_HOME=str(home), CBAS_LOG_LEVEL="warning", CBAS_MASTER_HOST="127.0.0.1", CBAS_MASTER_PORT="0")
+        credentials = seed_fleet(home)
         with open(home / "master.log", "wb") as log:
             master = subprocess.Popen([sys.executable, "-m", "cbas", "master"], cwd=ROOT, env=env,
                                       stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -159,7 +203,7 @@ def main() -> None:
                 raise SystemExit(f"the master did not start:\n{(home / 'master.log').read_text()[-2000:]}")
             url = json.loads((home / "master.json").read_text())["url"] + "/messages"
             bus = LocalMessageBus(home, home / "cbas.db")  # only to sign, with the home's key
-            results = asyncio.run(measure(url, bus, master.pid, args.duration))
+            results = asyncio.run(measure(url, bus, credentials, master.pid, args.duration))
         finally:
             os.killpg(master.pid, signal.SIGTERM)
             try:

@@ -1,16 +1,27 @@
-"""`cbas aws bootstrap` and `teardown` on moto: idempotent, least privilege, reversible."""
+"""`cbas aws bootstrap` and `teardown` on moto: idempotent, least privilege, reversible; with moto's
+IAM on, run as an administrator created in moto, and every policy equal to the one docs/aws.md shows."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
+from typing import Any
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 from click.testing import CliRunner
 from moto import mock_aws
 
-from cbas.aws.bootstrap import Bootstrap, worker_policy
+from cbas.aws.bootstrap import (
+    Bootstrap, frontend_policy, job_data_policy, job_data_trust, master_policy, trusted_principal, worker_policy,
+)
+from cbas.aws.job_access import job_session_policy
 from cbas.cli import cli
+from tests.aws.iam import ADMIN_POLICY, enforced, user, user_arn
+
+PAGE = Path(__file__).resolve().parents[2] / "docs" / "aws.md"
+TOPIC = "arn:aws:sns:REGION:ACCOUNT:cbas-CLUSTER"
 
 
 @pytest.fixture
@@ -20,29 +31,62 @@ def aws(monkeypatch: pytest.MonkeyPatch):
         yield
 
 
+def actions(policy: dict[str, Any]) -> set[str]:
+    return {a for s in policy["Statement"] for a in ([s["Action"]] if isinstance(s["Action"], str) else s["Action"])}
+
+
+def resources(statements: list[dict[str, Any]]) -> set[str]:
+    return {r for s in statements for r in ([s["Resource"]] if isinstance(s["Resource"], str) else s["Resource"])}
+
+
+def documented(name: str) -> Any:
+    """The JSON block docs/aws.md shows after `<!-- policy: name -->`."""
+    return json.loads(PAGE.read_text().split(f"<!-- policy: {name} -->")[1].split("```json\n")[1].split("```")[0])
+
+
 def test_bootstrap_twice_creates_once_and_teardown_removes_everything(aws) -> None:  # type: ignore[no-untyped-def]
-    session = boto3.session.Session(region_name="us-east-1")
+    admin, _ = user(boto3.client("iam"), "admin", ADMIN_POLICY)
     asked: list[dict[str, str]] = []  # moto does not keep SignatureVersion: watch the request instead
-    session.events.register("provide-client-params.sns.SetTopicAttributes", lambda params, **_: asked.append(dict(params)))
-    first = Bootstrap("lab", "us-east-1", session).up()
-    assert len(first.created) == 5 and first.found == []
-    second = Bootstrap("lab", "us-east-1", session).up()
-    assert second.created == [] and len(second.found) == 5
-    assert first.settings == second.settings
-    assert all(a["AttributeName"] == "SignatureVersion" and a["AttributeValue"] == "2" for a in asked) and len(asked) == 2
-    policy = boto3.client("iam").get_role_policy(RoleName="cbas-lab-worker", PolicyName="cbas-worker")["PolicyDocument"]
-    actions = {a for statement in policy["Statement"] for a in ([statement["Action"]] if isinstance(statement["Action"], str) else statement["Action"])}
-    assert not any(a.endswith("*") for a in actions)  # no wildcard actions
-    Bootstrap("lab", "us-east-1").down()
-    assert boto3.client("dynamodb").list_tables()["TableNames"] == []
-    assert boto3.client("sns").list_topics()["Topics"] == []
-    assert not [b for b in boto3.client("s3").list_buckets()["Buckets"] if b["Name"].startswith("cbas-lab")]
+    admin.events.register("provide-client-params.sns.SetTopicAttributes", lambda params, **_: asked.append(dict(params)))
+    with enforced():
+        first = Bootstrap("lab", "us-east-1", admin, master_principal=user_arn("cbas-master")).up()
+        assert len(first.created) == 6 and first.found == []
+        second = Bootstrap("lab", "us-east-1", admin, master_principal=user_arn("cbas-master")).up()
+        assert second.created == [] and len(second.found) == 6
+        assert first.settings == second.settings
+        assert all(a["AttributeName"] == "SignatureVersion" and a["AttributeValue"] == "2" for a in asked) and len(asked) == 2
+        iam = admin.client("iam")
+        worker = iam.get_role_policy(RoleName="cbas-lab-worker", PolicyName="cbas-worker")["PolicyDocument"]
+        assert not any(a.endswith("*") for a in actions(worker))  # no wildcard actions
+        assert not any(a.startswith("s3:") for a in actions(worker))  # the instance role reaches no job's files
+        data = iam.get_role(RoleName="cbas-lab-job-data")["Role"]["AssumeRolePolicyDocument"]
+        assert data == job_data_trust(user_arn("cbas-master"))
+        account = admin.client("sts").get_caller_identity()["Account"]
+        bucket = f"cbas-lab-{account}-us-east-1"
+        assert iam.get_role_policy(RoleName="cbas-lab-job-data", PolicyName="cbas-job-data")["PolicyDocument"] == \
+            job_data_policy(bucket)
+        Bootstrap("lab", "us-east-1", admin).down()
+        assert admin.client("dynamodb").list_tables()["TableNames"] == []
+        assert admin.client("sns").list_topics()["Topics"] == []
+        assert not [b for b in admin.client("s3").list_buckets()["Buckets"] if b["Name"].startswith("cbas-lab")]
+        assert [r["RoleName"] for r in iam.list_roles()["Roles"] if r["RoleName"].startswith("cbas-lab")] == []
 
 
-def test_the_worker_policy_is_scoped_to_the_job_prefix_and_topic() -> None:
-    policy = worker_policy("bucket", "arn:aws:sns:us-east-1:1:cbas-lab", "lab")
-    resources = [s["Resource"] for s in policy["Statement"]]
-    assert resources[:3] == ["arn:aws:s3:::bucket/jobs/*", "arn:aws:s3:::bucket", "arn:aws:sns:us-east-1:1:cbas-lab"]
+def test_bootstrap_trusts_its_caller_by_default_and_a_role_as_itself(aws) -> None:  # type: ignore[no-untyped-def]
+    admin, _ = user(boto3.client("iam"), "ops", ADMIN_POLICY)
+    with enforced():
+        Bootstrap("lab", "us-east-1", admin).up()
+        trust = admin.client("iam").get_role(RoleName="cbas-lab-job-data")["Role"]["AssumeRolePolicyDocument"]
+    assert trust["Statement"][0]["Principal"] == {"AWS": [user_arn("ops")]}
+    assert trusted_principal("arn:aws:sts::1:assumed-role/cbas-master/i-0abc") == "arn:aws:iam::1:role/cbas-master"
+    assert trusted_principal("arn:aws-cn:iam::1:user/x") == "arn:aws-cn:iam::1:user/x"
+
+
+def test_the_worker_policy_reaches_the_topic_and_snapshots_only() -> None:
+    policy = worker_policy("arn:aws:sns:us-east-1:1:cbas-lab", "lab")
+    assert resources(policy["Statement"][:1]) == {"arn:aws:sns:us-east-1:1:cbas-lab"}
+    assert not [s for s in policy["Statement"] if any(a.startswith(("s3:", "sts:", "iam:")) for a in actions(
+        {"Statement": [s]}))]  # no S3 (no job's files, no machine's key), no other role
     writes = [s for s in policy["Statement"] if "ec2:CreateSnapshot" in s["Action"]]
     assert writes and all(s["Condition"]["StringEquals"] in ({"aws:ResourceTag/cbas:cluster": "lab"},
                                                              {"aws:RequestTag/cbas:cluster": "lab"}) for s in writes)
@@ -56,3 +100,40 @@ def test_cli_prints_settings_and_teardown_asks_first(aws) -> None:  # type: igno
     assert refused.exit_code == 2
     assert CliRunner().invoke(cli, ["aws", "teardown", "--cluster", "lab", "--yes"], obj={}).exit_code == 0
     json.dumps(result.stdout)
+
+
+def test_only_the_job_data_role_reaches_job_files_and_nothing_reaches_machine_keys() -> None:
+    data = job_data_policy("bucket")
+    assert resources(data["Statement"]) == {"arn:aws:s3:::bucket/jobs/*", "arn:aws:s3:::bucket"}  # never machines/*
+    listing = [s for s in data["Statement"] if s["Action"] == "s3:ListBucket"]
+    assert listing and all(s["Condition"] == {"StringLike": {"s3:prefix": "jobs/*"}} for s in listing)
+    front = frontend_policy("bucket")
+    assert resources(front["Statement"]) == {"arn:aws:s3:::bucket/jobs/*", "arn:aws:s3:::bucket"}
+    assert "s3:DeleteObject" not in actions(front)
+
+
+def test_every_documented_policy_is_the_one_the_code_makes() -> None:
+    assert documented("worker") == worker_policy(TOPIC, "CLUSTER")
+    assert documented("job-data") == job_data_policy("BUCKET")
+    assert documented("job-data-trust") == job_data_trust("MASTER_PRINCIPAL")
+    assert documented("job-session") == job_session_policy("BUCKET", "JOB")
+    assert documented("frontend") == frontend_policy("BUCKET")
+    policy = master_policy("BUCKET", "REGION", "ACCOUNT", "CLUSTER")
+    assert documented("master") == policy
+    # every DynamoDB call the store makes, the machines' keys (machines/*, in BUCKET/*), stale
+    # endpoints, and each job's file access
+    assert {"dynamodb:BatchGetItem", "dynamodb:Query", "dynamodb:GetItem", "dynamodb:PutItem"} <= actions(policy)
+    assert {"s3:PutObject", "s3:GetObject", "s3:DeleteObject"} <= actions(policy)
+    assert {"sns:ListSubscriptionsByTopic", "sns:GetSubscriptionAttributes", "ec2:GetConsoleOutput"} <= actions(policy)
+    assumed = [s for s in policy["Statement"] if s["Action"] == "sts:AssumeRole"]
+    assert resources(assumed) == {"arn:aws:iam::ACCOUNT:role/cbas-CLUSTER-job-data"}
+
+
+def test_teardown_of_nothing_is_quiet(aws) -> None:  # type: ignore[no-untyped-def]
+    admin, _ = user(boto3.client("iam"), "admin", ADMIN_POLICY)
+    with enforced():
+        report = Bootstrap("none", "us-east-1", admin).down()
+    assert report.created == []
+    with pytest.raises(ClientError):  # enforcement is on: moto's default keys are no IAM user's
+        with enforced():
+            boto3.client("s3").list_buckets()

@@ -7,6 +7,7 @@ import base64
 import boto3
 import pytest
 from moto import mock_aws
+from pydantic import SecretStr
 
 from cbas.aws.ec2 import Ec2Cloud, render_user_data
 from cbas.aws.volumes import EbsSnapshots, NoDataVolume
@@ -21,14 +22,16 @@ def ec2():
         yield client, image
 
 
+KEY = SecretStr("ab" * 32)
 USER_DATA = render_user_data("https://bucket.s3.amazonaws.com/cbas.whl?X-Amz-Expires=300", "cbas-0.1.0-py3-none-any.whl",
-                             {"CBAS_BACKEND": "aws", "CBAS_CLUSTER": "test"})
+                             {"CBAS_BACKEND": "aws", "CBAS_CLUSTER": "test"},
+                             "https://bucket.s3.amazonaws.com/machines/l-1/key?X-Amz-Expires=900", "l-1")
 
 
 async def test_spot_launch_is_tagged_idempotent_listed_and_terminated(ec2) -> None:  # type: ignore[no-untyped-def]
     client, image = ec2
     cloud = Ec2Cloud("test", image, USER_DATA, client)
-    spec = LaunchSpec(ledger_id="l-1", job_id="j1", instance_type="c5.large", zone="us-east-1a", market="spot",
+    spec = LaunchSpec(machine_key=KEY, ledger_id="l-1", job_id="j1", instance_type="c5.large", zone="us-east-1a", market="spot",
                       max_price=0.05)
     machine = await cloud.launch(spec)
     assert machine.market == "spot" and machine.zone == "us-east-1a" and machine.tags["cbas:job"] == "j1"
@@ -50,7 +53,7 @@ async def test_spot_launch_is_tagged_idempotent_listed_and_terminated(ec2) -> No
 async def test_on_demand_and_offers(ec2) -> None:  # type: ignore[no-untyped-def]
     client, image = ec2
     cloud = Ec2Cloud("test", image, USER_DATA, client, instance_types=["c5.large"])
-    machine = await cloud.launch(LaunchSpec(ledger_id="l-2", job_id="j2", instance_type="c5.large", zone="us-east-1b",
+    machine = await cloud.launch(LaunchSpec(machine_key=KEY, ledger_id="l-2", job_id="j2", instance_type="c5.large", zone="us-east-1b",
                                             market="on-demand"))
     assert machine.market == "on-demand" and machine.price == 0.085
     offers = await cloud.offers()
@@ -60,13 +63,15 @@ async def test_on_demand_and_offers(ec2) -> None:  # type: ignore[no-untyped-def
 def test_user_data_carries_settings_but_never_credentials() -> None:
     assert "CBAS_CLUSTER=test" in USER_DATA and "169.254.169.254" in USER_DATA
     with pytest.raises(ValueError, match="CBAS_ settings only"):
-        render_user_data("https://x", "w.whl", {"AWS_SECRET_ACCESS_KEY": "nope"})
+        render_user_data("https://x", "w.whl", {"AWS_SECRET_ACCESS_KEY": "nope"}, "https://k", "l-1")
+    assert "/var/lib/cbas/worker/machine.key 'https://bucket.s3.amazonaws.com/machines/l-1/key" in USER_DATA
+    assert "echo 'l-1' > /var/lib/cbas/worker/ledger-id" in USER_DATA and KEY.get_secret_value() not in USER_DATA
 
 
 async def test_a_volume_job_gets_a_data_disk_snapshotted_by_its_worker_and_restored(ec2) -> None:  # type: ignore[no-untyped-def]
     client, image = ec2
     cloud = Ec2Cloud("test", image, USER_DATA, client)
-    first = await cloud.launch(LaunchSpec(ledger_id="l-3", job_id="j3", instance_type="c5.large", zone="us-east-1a",
+    first = await cloud.launch(LaunchSpec(machine_key=KEY, ledger_id="l-3", job_id="j3", instance_type="c5.large", zone="us-east-1a",
                                           market="spot", data_volume_gib=20))
     snapshots = EbsSnapshots(client, first.instance_id, "test", waiter_delay=1)
     volume = snapshots.volume_id()
@@ -77,14 +82,14 @@ async def test_a_volume_job_gets_a_data_disk_snapshotted_by_its_worker_and_resto
     assert described["VolumeId"] == volume
     assert {t["Key"]: t["Value"] for t in described["Tags"]} == {
         "cbas:cluster": "test", "cbas:job": "j3", "cbas:checkpoint": "a0001-n00001"}
-    second = await cloud.launch(LaunchSpec(ledger_id="l-4", job_id="j3", instance_type="c5.large", zone="us-east-1b",
+    second = await cloud.launch(LaunchSpec(machine_key=KEY, ledger_id="l-4", job_id="j3", instance_type="c5.large", zone="us-east-1b",
                                            market="spot", data_volume_gib=20, data_snapshot=snapshot))
     restored = EbsSnapshots(client, second.instance_id, "test").volume_id()
     assert client.describe_volumes(VolumeIds=[restored])["Volumes"][0]["SnapshotId"] == snapshot
     await cloud.delete_snapshot(snapshot)
     await cloud.delete_snapshot(snapshot)  # twice is fine
     assert client.describe_snapshots(Filters=[{"Name": "tag:cbas:job", "Values": ["j3"]}])["Snapshots"] == []
-    plain = await cloud.launch(LaunchSpec(ledger_id="l-5", job_id="j4", instance_type="c5.large", zone="us-east-1a",
+    plain = await cloud.launch(LaunchSpec(machine_key=KEY, ledger_id="l-5", job_id="j4", instance_type="c5.large", zone="us-east-1a",
                                           market="spot"))
     with pytest.raises(NoDataVolume, match="needs a data disk at /dev/sdf"):
         EbsSnapshots(client, plain.instance_id, "test").volume_id()
@@ -94,7 +99,7 @@ async def test_a_job_image_replaces_the_cluster_image(ec2) -> None:  # type: ign
     client, image = ec2
     other = client.describe_images(Owners=["amazon"])["Images"][1]["ImageId"]
     machine = await Ec2Cloud("test", image, USER_DATA, client).launch(LaunchSpec(
-        ledger_id="l-6", job_id="j5", instance_type="c5.large", zone="us-east-1a", market="spot", image_id=other))
+        machine_key=KEY, ledger_id="l-6", job_id="j5", instance_type="c5.large", zone="us-east-1a", market="spot", image_id=other))
     [instance] = client.describe_instances(InstanceIds=[machine.instance_id])["Reservations"][0]["Instances"]
     assert instance["ImageId"] == other != image
 
@@ -103,7 +108,7 @@ async def test_the_clusters_leftovers_are_found_and_removed(ec2) -> None:  # typ
     client, image = ec2
     sqs = boto3.client("sqs", region_name="us-east-1")
     cloud = Ec2Cloud("test", image, USER_DATA, client, sqs=sqs)
-    machine = await cloud.launch(LaunchSpec(ledger_id="l-7", job_id="j7", instance_type="c5.large", zone="us-east-1a",
+    machine = await cloud.launch(LaunchSpec(machine_key=KEY, ledger_id="l-7", job_id="j7", instance_type="c5.large", zone="us-east-1a",
                                             market="spot", data_volume_gib=10))
     snapshot = EbsSnapshots(client, machine.instance_id, "test").snapshot("j7", "a0001-n00001")
     tags = [{"ResourceType": "volume", "Tags": [{"Key": "cbas:cluster", "Value": "test"}, {"Key": "cbas:job", "Value": "j7"}]}]

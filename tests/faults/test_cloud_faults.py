@@ -11,7 +11,7 @@ import pytest
 
 from cbas.local.bus import LocalMessageBus
 from cbas.state import JobState
-from tests.faults.test_message_chaos import JDL, MemoryCloud, job_log, master_with_worker
+from tests.faults.test_message_chaos import JDL, MemoryCloud, job_log, machine_credential, master_with_worker
 
 METHODS = ("launch", "terminate", "list_machines", "offers")
 
@@ -71,7 +71,7 @@ async def test_a_cloud_fault_leaves_no_machine_and_no_job_behind(
             if (await master.store.get_job(job.id)).state == JobState.PROVISIONING:
                 break
         assert (await master.store.get_job(job.id)).state == JobState.PROVISIONING
-        for message in job_log(job.id):
+        for message in job_log(job.id, await machine_credential(master, job.id)):
             body = bus.sign(message)
             for _ in range(3):  # a worker re-sends until it gets an answer
                 if (await client.post("/messages", data=body)).status == 200:

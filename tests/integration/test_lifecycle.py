@@ -45,7 +45,7 @@ def test_a_job_completes_and_its_output_can_be_fetched(cluster: Cluster) -> None
     assert job_id in table.stdout and "COMPLETED" in table.stdout
     assert job["cost_so_far"] > 0
     cluster.assert_nothing_left()
-    secrets = [(cluster.home / "api-token").read_bytes().strip(), (cluster.home / "bus.key").read_bytes().strip()]
+    secrets = [(cluster.home / name).read_bytes().strip() for name in ("api-token", "bus.key", "master.key")]
     logs = [p.read_bytes() for p in [*cluster.home.glob("*.log"), *cluster.home.glob("machines/*/console.log")]]
     assert logs and not any(secret in log for secret in secrets for log in logs)  # no secret in any log
     lines = [json.loads(line) for line in (cluster.home / "master-0.log").read_text().splitlines()
