@@ -149,8 +149,12 @@ async def run_job(home: Path, admin: boto3.session.Session, master_aws: boto3.se
         assert not blobs.exists(drop)  # deleted once the worker announced itself
         assert blobs.exists(f"jobs/{job.id}/output.tar.zst")
         assert b"done" in blobs.get_bytes(f"jobs/{job.id}/logs/stdout")
-        state = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]["State"]["Name"]
-        assert state == "terminated"  # the master let the machine go
+        for _ in range(50):  # the master lets the machine go just after recording the job's end
+            state = ec2.describe_instances(InstanceIds=[instance_id])["Reservations"][0]["Instances"][0]["State"]["Name"]
+            if state == "terminated":
+                break
+            await asyncio.sleep(0.1)
+        assert state == "terminated"
         for _ in range(50):  # the master closes the ledger entry just after terminating the machine
             ledger = await store.list_ledger(live_only=False)
             if [e.state.value for e in ledger] == ["TERMINATED"]:
