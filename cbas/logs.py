@@ -26,3 +26,13 @@ def configure(json: bool, level: str = "INFO") -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=False,
     )
+
+
+_said: set[str] = set()
+
+
+def say_once(logger: structlog.typing.FilteringBoundLogger, event: str, **fields: object) -> None:
+    """A warning about the machine rather than a job (no cgroups, no iptables): once a process."""
+    if event not in _said:
+        _said.add(event)
+        logger.warning(event, **fields)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import AsyncContextManager, Callable, Protocol
@@ -23,11 +25,6 @@ class Cgroup(Protocol):
     def freeze(self, timeout: float = 10.0) -> None: ...
     def thaw(self) -> None: ...
     def kill(self, timeout: float = 10.0) -> None: ...
-
-
-# The job's first process waits on its stdin until the worker has put it in the job's cgroup,
-# so nothing it starts can run outside it; then it becomes the program (the same pid).
-_GATE = ["/bin/sh", "-c", 'read -r _ || exit 111; exec "$@" </dev/null', "cbas-gate"]
 
 
 @dataclass
@@ -74,31 +71,43 @@ class JobContext:
     hook_dir: Path | None = None  # a folder the job can reach but not change (the DMTCP hook's socket)
     scratch_dir: Path | None = None  # the worker's own scratch space, out of the job's reach
     cgroup: Cgroup | None = None
+    tag: str = ""  # the attempt's name on its machine (its cgroups and firewall rules carry it)
 
     def log_sizes(self) -> tuple[int, int]:
         return _size(self.stdout), _size(self.stderr)
 
-    async def spawn(self, argv: list[str], env: dict[str, str] | None = None) -> JobProcess:
+    async def spawn(self, argv: list[str], env: dict[str, str] | None = None,
+                    bind: tuple[Path, Path] | None = None) -> JobProcess:
         """Start argv as the job: its user, a new process group (not a new session: DMTCP cannot
-        make a restarted session leader one again), its cgroup, the logs as stdout and stderr."""
+        make a restarted session leader one again), its cgroup, the logs as stdout and stderr.
+        A root worker starts it through cbas.worker.launch (root, an empty environment, in the
+        cgroup before it runs anything, then the job's user and environment); `bind` gives it
+        a mount namespace where bind[0] stands at bind[1]."""
         out, err = _open_log(self.stdout), _open_log(self.stderr)
-        gate_read, gate_write = os.pipe() if self.cgroup is not None else (subprocess.DEVNULL, -1)
+        env = self.env if env is None else env
+        launched = self.user is not None or self.cgroup is not None or bind is not None
+        gate_read, gate_write = os.pipe() if launched else (subprocess.DEVNULL, -1)
+        env_fd = _memfd_of(env) if launched else -1
         try:
+            command = argv
+            if launched:
+                uid, gid = self.user or (os.geteuid(), os.getegid())
+                command = [sys.executable, "-I", "-m", "cbas.worker.launch", "--uid", str(uid), "--gid", str(gid),
+                           "--cwd", str(bind[1] / self.workdir.relative_to(bind[0]) if bind else self.workdir),
+                           "--env-fd", str(env_fd), *(["--bind", f"{bind[0]}:{bind[1]}"] if bind else []), "--", *argv]
             process = await asyncio.create_subprocess_exec(
-                *(_GATE + argv if self.cgroup is not None else argv), cwd=self.workdir,
-                env=self.env if env is None else env, stdin=gate_read, stdout=out, stderr=err, process_group=0,
-                user=self.user[0] if self.user else None,
-                group=self.user[1] if self.user else None,
-                extra_groups=[] if self.user else None,
+                *command, cwd="/" if launched else self.workdir, env=_ROOT_ENV if launched else env,
+                stdin=gate_read, stdout=out, stderr=err, process_group=0,
+                pass_fds=(env_fd,) if launched else (),
             )
         finally:
-            os.close(out)
-            os.close(err)
-            if gate_read != subprocess.DEVNULL:
-                os.close(gate_read)
-        if self.cgroup is not None:
+            for fd in (out, err, env_fd, gate_read):
+                if fd >= 0 and fd != subprocess.DEVNULL:
+                    os.close(fd)
+        if launched:
             try:
-                await asyncio.to_thread(self.cgroup.add, process.pid)
+                if self.cgroup is not None:
+                    await asyncio.to_thread(self.cgroup.add, process.pid)
                 os.write(gate_write, b"go\n")
             except OSError as exc:
                 process.kill()
@@ -109,12 +118,25 @@ class JobContext:
         return JobProcess(process, self.cgroup)
 
 
+# what a root launcher runs with: nothing of the job's, nothing of the worker's
+_ROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+
+
+def _memfd_of(env: dict[str, str]) -> int:
+    """The job's environment in an anonymous file the launcher reads (no command line shows it)."""
+    fd = os.memfd_create("cbas-job-env")  # close-on-exec: only the launcher gets it (pass_fds)
+    os.write(fd, json.dumps(list(env.items())).encode())
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
 class Checkpointer(Protocol):
     name: str
     # fnmatch patterns of paths, relative to the state folder, that are not state
     exclude: frozenset[str]
-    # patterns of files never changed in place once written (DMTCP's images): taken by a hard link
-    # while the job is held, and read after it goes on, so the job pauses only for the link
+    # patterns of files never changed in place once written (DMTCP's images): only opened while
+    # the job is held, and read through that descriptor after it goes on, so the job pauses only
+    # for the open
     immutable: frozenset[str]
 
     def state_dir(self, ctx: JobContext) -> Path:

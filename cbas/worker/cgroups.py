@@ -7,10 +7,8 @@ goes to v2 where that hierarchy has the controller, else to the v1 controller; a
 can enforce is listed in JobCgroup.unenforced. Groups are <hierarchy>/cbas/<name>, root-owned:
 a job's process (another user) can neither leave its group nor make one.
 
-A job's first process must join the group before it runs the job's program, or what it forks
-first could run outside: start `gated_argv(argv)` with a pipe as stdin, call add(pid), then
-write a line to the pipe. The gate is stdin, not an extra fd, because dash (Ubuntu's /bin/sh)
-only knows fds 0-9 and pass_fds keeps the parent's (often larger) fd number.
+A job's first process must join the group before it runs anything of the job's, or what it
+forks first could run outside: cbas.worker.launch waits, as root, until add(pid) is done.
 
 Every method is synchronous and bounded in time: the worker calls them through asyncio.to_thread.
 """
@@ -35,15 +33,6 @@ PARENT = "cbas"
 _NAME = re.compile(r"[A-Za-z0-9._-]{1,200}")
 _POLL = 0.01  # seconds between reads while waiting on the kernel
 _CONTROLLER = {"processes": "pids", "memory": "memory"}  # limit -> controller
-
-# Waits for a line on stdin (the worker's "you are in the group"), then becomes the program (same
-# pid), its stdin /dev/null; exits 111 without running it if the worker dies first.
-GATE_ARGV = ["/bin/sh", "-c", 'read -r _ || exit 111; exec "$@" </dev/null', "cbas-gate"]
-
-
-def gated_argv(argv: list[str]) -> list[str]:
-    return [*GATE_ARGV, *argv]
-
 
 class CgroupError(OSError):
     pass

@@ -5,16 +5,17 @@ Every strategy: the checkpoint is read back from the blob store into the worker'
 images there, as the job's user, and stops them right after they resume: in a mount namespace
 of its own, the scratch job folder is bound over the live one, so the restarted program (which
 reopens its files and working folder by their old paths) sees only scratch copies; the hook
-holds it at DMTCP's RESTART event, before its threads run again, and the worker then kills it.
-Without root (no namespace) a dmtcp restart cannot be kept off the live files: only the restore
-is checked, and the worker says so once.
+holds it at DMTCP's RESTART event, before its threads run again, and the worker then kills it
+(its own cgroup, all of it).
+Without root and cgroups (no namespace, nothing to end it by), or when the images would not fit in
+the memory left beside the live program, only the restore is checked, and the worker says so once.
+The restart runs with nothing of the job's environment (the restored program has its own).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import shutil
 import time
 from typing import Callable
 
@@ -23,15 +24,18 @@ import structlog
 from cbas.checkpoint.base import Cgroup, Checkpointer, JobContext
 from cbas.checkpoint.dmtcp import IMAGE_PATTERN, IMAGES, Coordinator, DmtcpCheckpointer, HookServer, dmtcp_environment
 from cbas.checkpoint.store import ChunkStore, CorruptCheckpoint
-from cbas.untrusted import chown_tree, read_job_file, tail
-from cbas.worker.job_files import JobLayout
+from cbas.logs import say_once
+from cbas.untrusted import remove_tree, read_job_file, tail
+from cbas.worker.job_files import JobLayout, lay_out, secure
 
 log = structlog.get_logger(__name__)
 
-# after the bind mount, as the job: the live paths now lead into the scratch copy
-_ISOLATED = ('mount --bind "$1" "$2" || exit 112; cd "$2/work" || exit 113; uid=$3; gid=$4; shift 4; '
-             'exec setpriv --reuid="$uid" --regid="$gid" --clear-groups -- "$@"')
-_warned_unisolated = False
+def _available_memory() -> int:
+    with open("/proc/meminfo") as meminfo:
+        for line in meminfo:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    return 0
 
 
 class Validator:
@@ -45,39 +49,44 @@ class Validator:
         self.make_cgroup = make_cgroup
         self.timeout = timeout
 
-    async def __call__(self, checkpoint_id: str) -> str | None:
-        """None if the checkpoint restores (and, for dmtcp, restarts); else what went wrong."""
+    async def __call__(self, checkpoint_id: str, deadline: float | None = None) -> str | None:
+        """None if the checkpoint restores (and, for dmtcp, restarts); else what went wrong. A
+        notice checkpoint's validation ends before its machine does (`deadline`, unix time)."""
+        budget = self.timeout if deadline is None else max(1.0, min(self.timeout, deadline - time.time() - 5.0))
         scratch = self.layout.validate / checkpoint_id
         scratch_layout = JobLayout(scratch)
         try:
             state = self.checkpointer.state_dir(self.ctx).relative_to(self.layout.root)
-            await asyncio.to_thread(_lay_out, scratch_layout)
+            await asyncio.to_thread(lay_out, scratch_layout, None)  # as a new machine's, in the worker's space
             try:
                 await asyncio.to_thread(self.open_store().restore, checkpoint_id, scratch_layout.root / state)
             except CorruptCheckpoint as exc:
                 return str(exc)
             if isinstance(self.checkpointer, DmtcpCheckpointer):
-                return await self._restart(scratch_layout, checkpoint_id)
+                return await self._restart(scratch_layout, checkpoint_id, budget)
             return None
         finally:
-            await asyncio.to_thread(shutil.rmtree, scratch, True)
+            await asyncio.to_thread(remove_tree, scratch)
 
-    async def _restart(self, scratch: JobLayout, checkpoint_id: str) -> str | None:
-        global _warned_unisolated
+    async def _restart(self, scratch: JobLayout, checkpoint_id: str, budget: float) -> str | None:
         images = sorted((scratch.work / IMAGES).glob(IMAGE_PATTERN))
         if not images:
             return "the checkpoint holds no DMTCP images"
         user = self.ctx.user
-        if os.geteuid() != 0 or user is None or not (shutil.which("unshare") and shutil.which("setpriv")):
-            if not _warned_unisolated:
-                _warned_unisolated = True
-                log.warning("validation.restore_only",
-                            reason="restarting DMTCP images away from the live files needs a root worker with "
-                                   "unshare and setpriv (util-linux)")
-            return None
         checkpointer = self.checkpointer
         assert isinstance(checkpointer, DmtcpCheckpointer)
-        await asyncio.to_thread(_give, scratch, user)
+        size = sum(image.stat().st_size for image in images)
+        cgroup = await asyncio.to_thread(self.make_cgroup, "validate") if os.geteuid() == 0 and user else None
+        if cgroup is None:  # no namespace, or nothing to end it by: never run it beside the live job
+            say_once(log, "validation.restore_only", reason="restarting DMTCP images away from the live files needs a "
+                      "root worker that can make cgroups: only the restore is checked")
+            return None
+        if size > 0.8 * _available_memory():  # a second copy of the program must not starve the first
+            await asyncio.to_thread(_end_cgroup, cgroup)
+            say_once(log, "validation.too_big", images=size,
+                      reason="the images do not fit in the memory left: only the restore is checked")
+            return None
+        await asyncio.to_thread(_give, scratch, user)  # the state is the job's, as on a new machine
         live = self.layout
         hook = HookServer(scratch.hook / "hook.sock", user, answer_restarts=False) if checkpointer.hook else None
         if hook is not None:
@@ -86,19 +95,17 @@ class Validator:
         restart = [checkpointer._tool("dmtcp_restart"), "--new-coordinator", "--coord-port", "0",
                    "--port-file", str(tmp / "coordinator.port"), "--ckptdir", str(live.work / IMAGES),
                    "--tmpdir", str(tmp), *(str(live.work / IMAGES / image.name) for image in images)]
-        command = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c", _ISOLATED, "cbas-validate",
-                   str(scratch.root), str(live.root), str(user[0]), str(user[1]), *restart]
-        env = dmtcp_environment(self.ctx.env, live.hook / "hook.sock" if hook else None, checkpointer.signal_number)
-        cgroup = self.make_cgroup("validate")
-        sandbox = JobContext(job_id=self.ctx.job_id, workdir=scratch.root, checkpoint_dir=scratch.checkpoint,
-                             stdout=scratch.stdout, stderr=scratch.stderr, env=env, user=None, cgroup=cgroup)
-        process = await sandbox.spawn(command)
+        # nothing of the job's environment: the restored program has its own, from the image
+        env = dmtcp_environment({"PATH": "/usr/local/bin:/usr/bin:/bin", "LANG": "C.UTF-8"},
+                                live.hook / "hook.sock" if hook else None, checkpointer.signal_number)
+        sandbox = JobContext(job_id=self.ctx.job_id, workdir=scratch.work, checkpoint_dir=scratch.checkpoint,
+                             stdout=scratch.stdout, stderr=scratch.stderr, env=env, user=user, cgroup=cgroup)
+        process = await sandbox.spawn(restart, bind=(scratch.root, live.root))
         try:
-            return await self._resumed(process.process, hook, scratch, checkpoint_id)
+            return await self._resumed(process.process, hook, scratch, checkpoint_id, budget)
         finally:
             process.kill()
-            if cgroup is not None:
-                await asyncio.to_thread(_end_cgroup, cgroup)
+            await asyncio.to_thread(_end_cgroup, cgroup)
             if hook is not None:
                 await hook.close()
             try:
@@ -107,9 +114,9 @@ class Validator:
                 log.warning("validation.restart_lingers", checkpoint=checkpoint_id, pid=process.pgid)
 
     async def _resumed(self, process: asyncio.subprocess.Process, hook: HookServer | None, scratch: JobLayout,
-                       checkpoint_id: str) -> str | None:
+                       checkpoint_id: str, budget: float) -> str | None:
         """Until the images are restored (the hook's RESTART call, or the coordinator running)."""
-        deadline = time.monotonic() + self.timeout
+        deadline = time.monotonic() + budget
         coordinator: Coordinator | None = None
         while time.monotonic() < deadline:
             if hook is not None and hook.restarted.is_set():
@@ -123,25 +130,11 @@ class Validator:
                 if coordinator is not None and (await coordinator.status()).get("RUNNING") == "yes":
                     return None
             await asyncio.sleep(0.05)
-        return f"the images did not restart within {self.timeout:.0f}s"
-
-
-def _lay_out(scratch: JobLayout) -> None:
-    shutil.rmtree(scratch.disk, ignore_errors=True)
-    scratch.disk.mkdir(mode=0o700, parents=True)
-    scratch.root.mkdir(mode=0o711)
-    for path in (scratch.work, scratch.checkpoint, scratch.logs, scratch.hook):
-        path.mkdir(mode=0o711)
-    scratch.stdout.touch(0o600)
-    scratch.stderr.touch(0o600)
+        return f"the images did not restart within {budget:.0f}s"
 
 
 def _give(scratch: JobLayout, user: tuple[int, int]) -> None:
-    """The restored state is the job's, as it will be on a new machine."""
-    for path in (scratch.work, scratch.checkpoint):
-        os.chown(path, *user)
-        path.chmod(0o700)
-        chown_tree(path, user)
+    secure(scratch, user)
     (scratch.checkpoint / "dmtcp-tmp").mkdir(mode=0o700)
     os.chown(scratch.checkpoint / "dmtcp-tmp", *user)
 

@@ -111,6 +111,7 @@ async def test_images_that_do_not_restart_fail_validation_and_do_not_count(harne
     await wait_for_line(run.layout.stdout, "\n20\n")
     async with breaking_images(run):
         assert not await run.checkpoint("interval")
+    await run.checkpoints.reported()  # failures are reported in the background
     assert not harness.of_type(MessageType.CHECKPOINT_DONE)
     [failed] = harness.of_type(MessageType.CHECKPOINT_FAILED)
     assert "validation failed" in failed.body["error"] and "dmtcp_restart" in failed.body["error"]

@@ -25,11 +25,17 @@ import pytest
 
 from cbas.worker import cgroups
 from cbas.worker.cgroups import (
-    CgroupUnavailable, JobCgroup, Limits, cgroup_support, create_job_cgroup, gated_argv, kill_cgroup,
-    parse_mountinfo,
+    CgroupUnavailable, JobCgroup, Limits, cgroup_support, create_job_cgroup, kill_cgroup, parse_mountinfo,
 )
 
 ROOT = Path("/sys/fs/cgroup")
+# the test's own processes (trusted) wait for a line on stdin, the cue that they are in the group,
+# then become the program (same pid); the worker's jobs go through cbas.worker.launch instead
+GATE_ARGV = ["/bin/sh", "-c", 'read -r _ || exit 111; exec "$@" </dev/null', "cbas-gate"]
+
+
+def gated_argv(argv: list[str]) -> list[str]:
+    return [*GATE_ARGV, *argv]
 
 # double fork + setsid: the job's process ends at once, the daemon lives on in a session of its own
 DAEMON = r"""
