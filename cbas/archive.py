@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Iterable
 
 import zstandard
+
+from cbas.untrusted import MAX_DEPTH, UnsafePath, open_beneath
 
 MAX_UNPACKED_BYTES = 64 << 30
 # a sandbox may expand this many times its packed size, past RATIO_FLOOR bytes: real data packs
@@ -46,6 +49,76 @@ def pack(members: Iterable[Member], target: Path, level: int = 3) -> int:
     return target.stat().st_size
 
 
+def pack_beneath(base: Path, names: Iterable[str], target: Path, level: int = 3) -> list[str]:
+    """Archive the files and folders `names` below base, a folder a job controls: every entry is
+    opened from its folder's descriptor without following a link, and read through that
+    descriptor (a name swapped for a link meanwhile is never followed). Returns the names that
+    are missing or not plain files and folders (links among them); nothing is written without any."""
+    missing: list[str] = []
+    opened: list[tuple[str, int]] = []
+    for name in names:
+        try:
+            opened.append((name, open_beneath(base, name.strip("/"))))
+        except (OSError, UnsafePath):
+            missing.append(name)
+    if opened:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        compressor = zstandard.ZstdCompressor(level=level, threads=-1)
+        with open(target, "wb") as raw, compressor.stream_writer(raw, closefd=False) as compressed:
+            with tarfile.open(fileobj=compressed, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+                for name, fd in opened:
+                    if not _add_fd(tar, fd, name.strip("/")):
+                        missing.append(name)
+    return missing
+
+
+def _add_fd(tar: tarfile.TarFile, fd: int, name: str) -> bool:
+    """Add the file or folder open at fd (closing it); False if it is neither."""
+    stack = [(fd, name)]
+    added = True
+    while stack:  # iterative: no depth is too deep
+        fd, arcname = stack.pop()
+        try:
+            info = os.fstat(fd)
+            entry = tarfile.TarInfo(arcname)
+            entry.mode, entry.mtime = stat.S_IMODE(info.st_mode) & 0o777, int(info.st_mtime)
+            if stat.S_ISDIR(info.st_mode):
+                entry.type = tarfile.DIRTYPE
+                tar.addfile(entry)
+                with os.scandir(fd) as children:
+                    names = sorted(child.name for child in children)
+                for child in reversed(names):
+                    try:
+                        stack.append((os.open(child, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                                              dir_fd=fd), f"{arcname}/{child}"))
+                    except OSError:  # a link, or gone: left out
+                        continue
+            elif stat.S_ISREG(info.st_mode):
+                entry.size = info.st_size
+                with os.fdopen(os.dup(fd), "rb") as handle:
+                    tar.addfile(entry, _Exactly(handle, info.st_size))
+            else:
+                added = added and arcname != name
+        finally:
+            os.close(fd)
+    return added
+
+
+class _Exactly:
+    """A file read as exactly `size` bytes (a file the job grew or truncated meanwhile is cut or
+    padded, never a broken archive)."""
+
+    def __init__(self, handle: BinaryIO, size: int) -> None:
+        self.handle, self.left = handle, size
+
+    def read(self, n: int = -1) -> bytes:
+        n = self.left if n < 0 else min(n, self.left)
+        data = self.handle.read(n)
+        data += b"\0" * (n - len(data))
+        self.left -= len(data)
+        return data
+
+
 def _add(tar: tarfile.TarFile, member: Member) -> None:
     source = member.source
     if source.is_symlink():
@@ -73,6 +146,8 @@ def _check(member: tarfile.TarInfo, target: Path) -> Path:
     parts = Path(name).parts
     if ".." in parts:
         raise ArchiveError(f"archive member {name!r} leaves the target directory")
+    if len(parts) > MAX_DEPTH:
+        raise ArchiveError(f"archive member {name[:80]!r}... is nested more than {MAX_DEPTH} folders deep")
     if not (member.isfile() or member.isdir()):
         kind = "link" if (member.issym() or member.islnk()) else "device or special file"
         raise ArchiveError(f"archive member {name!r} is a {kind}; only files and directories are accepted")

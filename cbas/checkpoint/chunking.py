@@ -17,6 +17,7 @@ import zstandard
 from fastcdc import fastcdc
 
 from cbas.checkpoint.manifest import CorruptCheckpoint
+from cbas.untrusted import MAX_DEPTH, depth_below
 
 MIN_CHUNK = 256 * 1024
 AVG_CHUNK = 1024 * 1024
@@ -92,6 +93,8 @@ def walk(root: Path, exclude: frozenset[str]) -> Iterator[tuple[str, os.stat_res
     """Every folder (descriptor None) and regular file (an O_NOFOLLOW descriptor, the caller's to
     close) below root, sorted, skipping paths matching `exclude`; anything else is refused."""
     for base, dirs, files, dir_fd in os.fwalk(root, follow_symlinks=False):
+        if depth_below(root, base) >= MAX_DEPTH:
+            raise UnsupportedFile(f"folders nested more than {MAX_DEPTH} deep; a checkpoint holds no such tree")
         prefix = "" if base == str(root) else os.path.relpath(base, root).replace(os.sep, "/") + "/"
         kept = []
         for name in sorted(dirs) + sorted(files):

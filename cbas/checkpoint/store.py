@@ -43,6 +43,10 @@ from cbas.models import utcnow
 __all__ = ["ChunkStore", "CommitCancelled", "CorruptCheckpoint", "Manifest", "Snapshot", "UnsupportedFile",
            "seal", "unseal"]
 
+class StateTooLarge(UnsupportedFile):
+    pass
+
+
 class CommitCancelled(RuntimeError):
     """A newer checkpoint (a spot notice's) took this one's place before it was uploaded."""
 
@@ -97,6 +101,8 @@ class ChunkStore:
         self._sizes: dict[str, int] = {}  # chunk id -> raw length, for reused entries
         self._lock = threading.Lock()  # snapshots pin what they use; garbage collection respects pins
         self._pinned: Counter[str] = Counter()
+        self._collecting = 0  # collections under way: pins are kept until they end
+        self._unpin_later: list[set[str]] = []
 
     # --- keys ---------------------------------------------------------------------------------
     def chunk_key(self, chunk_id: str) -> str:
@@ -113,19 +119,20 @@ class ChunkStore:
 
     # --- taking a checkpoint ----------------------------------------------------------------------
     def snapshot(self, root: Path, staging: Path, exclude: frozenset[str] = frozenset(),
-                 immutable: frozenset[str] = frozenset()) -> Snapshot:
+                 immutable: frozenset[str] = frozenset(), size_limit: int | None = None) -> Snapshot:
         """Read the state while the job is held: chunk and hash every file under root and stage
         its new chunks, except files matching `immutable` (never changed in place once written),
         which are only opened: finish() reads them through that descriptor after the job goes on.
         Files are opened without following links from their folder's descriptor, and read, never
-        mapped (a file the job truncates meanwhile is a short read, not a SIGBUS)."""
+        mapped (a file the job truncates meanwhile is a short read, not a SIGBUS). A state over
+        size_limit bytes (by the files' sizes) is refused before anything is read."""
         staging.mkdir(parents=True, exist_ok=True)
         known = self.known_chunks()
         snapshot = Snapshot(files=[], dirs=[], chunk_sizes={}, staging=staging)
         began_ns = time.time_ns()
         seen: dict[str, tuple[FileStamp, FileEntry]] = {}
         try:
-            self._snapshot_into(snapshot, root, exclude, immutable, known, seen)
+            self._snapshot_into(snapshot, root, exclude, immutable, known, seen, size_limit)
         except BaseException:
             self.release(snapshot)
             raise
@@ -134,12 +141,18 @@ class ChunkStore:
         return snapshot
 
     def _snapshot_into(self, snapshot: Snapshot, root: Path, exclude: frozenset[str], immutable: frozenset[str],
-                       known: set[str], seen: dict[str, tuple[FileStamp, FileEntry]]) -> None:
+                       known: set[str], seen: dict[str, tuple[FileStamp, FileEntry]], size_limit: int | None) -> None:
+        listed = 0
         with ThreadPoolExecutor(max_workers=_threads()) as pool:
             for relative, info, fd in walk(root, exclude):
                 if fd is None:
                     snapshot.dirs.append(DirEntry(path=relative, mode=stat.S_IMODE(info.st_mode)))
                     continue
+                listed += info.st_size
+                if size_limit is not None and listed > size_limit:
+                    os.close(fd)
+                    raise StateTooLarge(f"the state holds more than {size_limit} bytes (StateSizeLimit), "
+                                        f"{relative} included")
                 try:
                     with self._lock:  # its chunks must still be there when the manifest names them
                         entry = self._unchanged(relative, info, known)
@@ -177,16 +190,22 @@ class ChunkStore:
                 snapshot.pinned.add(chunk_id)
                 self._pinned[chunk_id] += 1
 
+    def _unpin(self, chunk_ids: set[str]) -> None:
+        for chunk_id in chunk_ids:
+            self._pinned[chunk_id] -= 1
+            if self._pinned[chunk_id] <= 0:
+                del self._pinned[chunk_id]
+
     def release(self, snapshot: Snapshot) -> None:
         """A snapshot committed or given up: its chunks may be collected, its staging goes."""
         for _, _, _, fd in snapshot.deferred:
             os.close(fd)
         snapshot.deferred = []
         with self._lock:
-            for chunk_id in snapshot.pinned:
-                self._pinned[chunk_id] -= 1
-                if self._pinned[chunk_id] <= 0:
-                    del self._pinned[chunk_id]
+            if self._collecting:  # a collection under way listed the manifests before this one's
+                self._unpin_later.append(snapshot.pinned)
+            else:
+                self._unpin(snapshot.pinned)
             snapshot.pinned = set()
         shutil.rmtree(snapshot.staging, ignore_errors=True)
 
@@ -328,6 +347,10 @@ class ChunkStore:
                 out.write(data)
             os.fchmod(out.fileno(), entry.mode & 0o777)  # never setuid, setgid or sticky
 
+    def forget(self, checkpoint_id: str) -> None:
+        """A checkpoint that must never be restored (it failed validation): its manifest goes."""
+        self.blobs.delete(self.manifest_key(checkpoint_id))
+
     # --- forgetting -----------------------------------------------------------------------------------
     def checkpoint_ids(self) -> list[str]:
         keys = self.blobs.list(f"jobs/{self.job_id}/ckpt/")
@@ -337,6 +360,19 @@ class ChunkStore:
         """Keep the newest `keep` checkpoints (and `protect`ed ones); delete other manifests and
         every chunk no kept manifest uses and no snapshot under way has pinned. Returns the
         deleted checkpoint ids and chunk count."""
+        with self._lock:
+            self._collecting += 1
+        try:
+            return self._collect(keep, protect)
+        finally:
+            with self._lock:
+                self._collecting -= 1
+                if not self._collecting:
+                    for chunk_ids in self._unpin_later:
+                        self._unpin(chunk_ids)
+                    self._unpin_later = []
+
+    def _collect(self, keep: int, protect: Iterable[str]) -> tuple[list[str], int]:
         ids = self.checkpoint_ids()
         kept = set(ids[-keep:]) | (set(protect) & set(ids))
         dropped = [cid for cid in ids if cid not in kept]

@@ -30,6 +30,8 @@ from cbas.local.market import BuiltinMarket, MarketModel, TraceMarket
 from cbas.local.volumes import delete_snapshot, list_snapshots, restore_volume
 from cbas.models import LaunchSpec, Machine, Offer
 from cbas.scheduler.traces import load_trace
+from cbas.checkpoint import coordinator_guard
+from cbas.untrusted import remove_tree
 from cbas.worker.cgroups import kill_cgroup
 from cbas.worker.credential import key_file, write_credential
 from cbas.settings import Settings
@@ -228,6 +230,7 @@ class LocalCloud:
         for name in _read_lines(disk / "job-cgroups"):
             if name.strip():
                 kill_cgroup(name.strip())
+        coordinator_guard.release(f"{record.machine.instance_id}-", prefix=True)  # its jobs' firewall rules
         for line in _read_lines(disk / "job-pgids"):
             if line.strip().isdigit():
                 kill_group(int(line))
@@ -242,7 +245,7 @@ class LocalCloud:
             shutil.move(disk / "console.log", self._console_copy(record.machine.instance_id))
         except OSError:
             pass
-        shutil.rmtree(disk, ignore_errors=True)  # a terminated machine's disk is gone
+        remove_tree(disk)  # a terminated machine's disk is gone (at any depth a job made it)
 
     def _console_copy(self, instance_id: str) -> Path:
         return self.root / "consoles" / f"{instance_id}.log"

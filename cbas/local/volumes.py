@@ -3,14 +3,13 @@ and a snapshot is a copy of it under the home, which the next machine's disk is 
 
 from __future__ import annotations
 
-import os
 import secrets
 import shutil
-import stat
 from datetime import datetime, timezone
 from pathlib import Path
 
 from cbas.backends import Leftover
+from cbas.untrusted import copy_tree
 
 
 def snapshots_root(home: Path) -> Path:
@@ -26,7 +25,8 @@ class FolderSnapshots:
         snapshot_id = "snap-" + secrets.token_hex(8)
         self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
         partial = self.root / f".{snapshot_id}.partial"
-        shutil.copytree(self.volume, partial / "volume", symlinks=True, ignore=_special_files)
+        partial.mkdir(mode=0o700)
+        copy_tree(self.volume, partial / "volume")  # by descriptors, never following a link
         (partial / "job").write_text(f"{job_id} {checkpoint_id}\n")
         partial.rename(self.root / snapshot_id)  # whole or not at all
         return snapshot_id
@@ -36,23 +36,12 @@ class FolderSnapshots:
             raise FileNotFoundError(f"snapshot {snapshot_id} is missing")
 
 
-def _special_files(folder: str, names: list[str]) -> set[str]:
-    """Sockets, FIFOs and devices hold no data (an EBS snapshot keeps their inodes; a copy cannot,
-    and reading a job's FIFO would hang the worker)."""
-    special = set()
-    for name in names:
-        mode = os.lstat(os.path.join(folder, name)).st_mode
-        if not (stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode)):
-            special.add(name)
-    return special
-
-
 def restore_volume(home: Path, snapshot_id: str, volume: Path) -> None:
     """Make a new machine's disk from a snapshot."""
     source = snapshots_root(home) / snapshot_id / "volume"
     if not source.is_dir():
         raise FileNotFoundError(f"snapshot {snapshot_id} is missing from {snapshots_root(home)}")
-    shutil.copytree(source, volume, symlinks=True)
+    copy_tree(source, volume)  # 0700 until its worker gives the job its folders
 
 
 def list_snapshots(home: Path) -> list[Leftover]:

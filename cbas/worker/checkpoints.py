@@ -36,7 +36,7 @@ log = structlog.get_logger(__name__)
 
 VOLUME_MARKER = ".cbas-checkpoint"  # volume storage: names the checkpoint a disk was snapshotted at
 Report = Callable[[MessageType, object], Awaitable[bool]]
-Validate = Callable[[str], Awaitable[str | None]]  # checkpoint id -> None if good, else why not
+Validate = Callable[[str, float | None], Awaitable[str | None]]  # checkpoint, deadline -> None if good, else why not
 
 
 @dataclass
@@ -74,6 +74,9 @@ class Checkpoints:
         self.capture_lock = asyncio.Lock()
         self._uploading: list[Captured] = []
         self._reports: set[asyncio.Task[bool]] = set()
+        self._taking = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
         self.log = log.bind(job_id=job_id, attempt=attempt)
 
     def next_id(self) -> str:
@@ -84,6 +87,22 @@ class Checkpoints:
                    deadline: float | None = None, on_captured: Callable[[], None] = lambda: None) -> bool:
         """One checkpoint; True once it counts. `on_captured` runs when the job's state is taken
         (a final checkpoint stops the job there: nothing it does later would be kept)."""
+        self._taking += 1
+        self._idle.clear()
+        try:
+            return await self._take(ctx, process, reason, final, deadline, on_captured)
+        finally:
+            self._taking -= 1
+            if not self._taking:
+                self._idle.set()
+
+    async def idle(self) -> None:
+        """Until no checkpoint is being taken, uploaded or validated (the attempt's user and
+        cgroup are let go only then)."""
+        await self._idle.wait()
+
+    async def _take(self, ctx: JobContext, process: JobProcess, reason: str, final: bool, deadline: float | None,
+                    on_captured: Callable[[], None]) -> bool:
         captured = await self._capture(ctx, process, reason, final, deadline)
         if captured is None:
             return False
@@ -114,7 +133,7 @@ class Checkpoints:
                     else:
                         snapshot = await asyncio.to_thread(
                             self.store.snapshot, self.checkpointer.state_dir(ctx), self.layout.staging / checkpoint_id,
-                            self.checkpointer.exclude, self.checkpointer.immutable)
+                            self.checkpointer.exclude, self.checkpointer.immutable, self.state_limit)
             except Exception as exc:  # the strategy, the files or the disk: this one does not count
                 self._failed(checkpoint_id, reason, str(exc) if isinstance(exc, CheckpointFailed)
                              else f"{type(exc).__name__}: {exc}")
@@ -142,18 +161,15 @@ class Checkpoints:
                 await asyncio.to_thread(self.volumes.wait, snapshot)  # type: ignore[union-attr]
                 size_bytes = new_bytes = await asyncio.to_thread(tree_size, self.layout.root)
             else:
-                await asyncio.to_thread(self.store.finish, snapshot)
-                if self.state_limit is not None and snapshot.total_bytes > self.state_limit:
-                    raise CheckpointFailed(f"the state is {snapshot.total_bytes} bytes, over StateSizeLimit "
-                                           f"({self.state_limit} bytes)")
                 manifest = await asyncio.to_thread(
                     self.store.commit, snapshot, checkpoint_id, self.checkpointer.name, captured.stdout,
                     captured.stderr, captured.cancelled)
                 size_bytes, new_bytes = manifest.total_bytes, manifest.new_bytes
             crash_point("worker-checkpoint-uploaded")
             if self.validate is not None and not isinstance(snapshot, str):
-                problem = await self.validate(checkpoint_id)
-                if problem is not None:
+                problem = await self.validate(checkpoint_id, captured.deadline)
+                if problem is not None:  # gone, so it takes no place among the checkpoints kept
+                    await asyncio.to_thread(self.store.forget, checkpoint_id)
                     raise CheckpointFailed(f"validation failed: {problem}")
         except CommitCancelled:
             self.log.info("checkpoint.superseded", checkpoint=checkpoint_id)

@@ -15,12 +15,11 @@ cbas.untrusted.
 from __future__ import annotations
 
 import os
-import shutil
 import stat
 from dataclasses import dataclass
 from pathlib import Path
 
-from cbas.untrusted import JobUser, UnsafePath, chown_tree
+from cbas.untrusted import JobUser, UnsafePath, chown_tree, remove_tree
 
 @dataclass(frozen=True)
 class JobLayout:
@@ -77,9 +76,9 @@ class JobLayout:
 
 def lay_out(layout: JobLayout, user: JobUser | None) -> None:
     """A fresh set of folders for an attempt: nothing of an earlier one is kept."""
-    shutil.rmtree(layout.root, ignore_errors=True)
+    remove_tree(layout.root)
     for sub in ("staging", "scratch", "validate"):
-        shutil.rmtree(layout.worker / sub, ignore_errors=True)
+        remove_tree(layout.worker / sub)
     layout.root.mkdir(parents=True)
     for path in (layout.work, layout.checkpoint, layout.prologue, layout.logs, layout.hook):
         path.mkdir()
