@@ -15,6 +15,8 @@ import subprocess
 
 import structlog
 
+from cbas.untrusted import SYSTEM_ENV
+
 log = structlog.get_logger(__name__)
 
 INBOUND, OUTBOUND = "CBAS-COORD-IN", "CBAS-COORD-OUT"  # jumped to from INPUT and OUTPUT
@@ -22,7 +24,7 @@ _warned = False
 
 
 def _iptables(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["iptables", "-w", "5", *args], capture_output=True, text=True)
+    return subprocess.run(["iptables", "-w", "5", *args], capture_output=True, text=True, env=SYSTEM_ENV)
 
 
 def _ensure_chains() -> None:
@@ -40,6 +42,10 @@ def _rules(name: str, port: int, uid: int) -> list[tuple[str, list[str]]]:
         (INBOUND, ["!", "-i", "lo", *to_port, *tag, "-j", "DROP"]),  # nothing from other hosts
         (OUTBOUND, ["-o", "lo", *to_port, "-m", "owner", "--uid-owner", str(uid), *tag, "-j", "RETURN"]),
         (OUTBOUND, ["-o", "lo", *to_port, "-m", "owner", "--uid-owner", "0", *tag, "-j", "RETURN"]),
+        # the kernel's own packets (ACKs and resets of a closing or restored connection) have no
+        # socket owner; resetting them broke live connections of the job's (seen with DMTCP 5.0).
+        # No process sends one without a connection its SYN opened, which the owner rules judged
+        (OUTBOUND, ["-o", "lo", *to_port, "-m", "owner", "!", "--socket-exists", *tag, "-j", "RETURN"]),
         (OUTBOUND, ["-o", "lo", *to_port, *tag, "-j", "REJECT", "--reject-with", "tcp-reset"]),
     ]
 
@@ -47,15 +53,20 @@ def _rules(name: str, port: int, uid: int) -> list[tuple[str, list[str]]]:
 def guard(name: str, port: int, uid: int) -> bool:
     """Close the port to all but uid and root; False (said once) where iptables cannot be used."""
     global _warned
-    if shutil.which("iptables") is None or _iptables("-n", "-L", "OUTPUT").returncode != 0:
+    if shutil.which("iptables", path=SYSTEM_ENV["PATH"]) is None or _iptables("-n", "-L", "OUTPUT").returncode != 0:
         if not _warned:
             _warned = True
             log.warning("coordinator.unguarded", reason="iptables is missing or not usable by this worker",
                         consequence="other users of this host can send commands to a job's DMTCP coordinator")
         return False
     _ensure_chains()
+    # inserted first in their chains (no stale rule shadows them), in order: the reject comes
+    # last, so no instant exists where it stands without the rules letting the job through (a
+    # job's DMTCP talks to its coordinator meanwhile: a reset killed it)
+    position: dict[str, int] = {}
     for chain, rule in _rules(name, port, uid):
-        result = _iptables("-A", chain, *rule)
+        position[chain] = position.get(chain, 0) + 1
+        result = _iptables("-I", chain, str(position[chain]), *rule)
         if result.returncode != 0:
             log.warning("coordinator.guard_failed", port=port, error=result.stderr.strip())
             release(name)
@@ -64,13 +75,15 @@ def guard(name: str, port: int, uid: int) -> bool:
     return True
 
 
-def release(name: str) -> None:
-    """Remove every rule of this guard (safe to call when there are none)."""
-    if shutil.which("iptables") is None:
+def release(name: str, prefix: bool = False) -> None:
+    """Remove every rule of this guard, or (prefix) of every guard whose name starts so: a
+    machine's, when the worker that made them was killed (safe to call when there are none)."""
+    if shutil.which("iptables", path=SYSTEM_ENV["PATH"]) is None:
         return
     for chain in (INBOUND, OUTBOUND):
         listing = _iptables("-S", chain)
         for line in listing.stdout.splitlines() if listing.returncode == 0 else []:
             parts = line.split()
-            if parts[:2] == ["-A", chain] and f'"cbas:{name}"' in parts:
+            tags = [part.strip('"')[len("cbas:"):] for part in parts if part.startswith('"cbas:')]
+            if parts[:2] == ["-A", chain] and tags and (tags[0].startswith(name) if prefix else tags[0] == name):
                 _iptables("-D", chain, *[part.strip('"') for part in parts[2:]])

@@ -2,7 +2,7 @@
 
     dmtcp_launch  --new-coordinator --coord-port 0 --port-file F --ckptdir D --tmpdir T --no-gzip
                   --ckpt-signal S [--with-plugin H] prog
-    dmtcp_command --coord-port P --bcheckpoint
+    dmtcp_command --coord-port P --checkpoint   (then the hook's call, or --status, says it is written)
     dmtcp_restart --new-coordinator --coord-port 0 --port-file F --ckptdir D --tmpdir T ckpt_*.dmtcp
 
 The images live in <workdir>/.dmtcp, so a checkpoint saves them with the files the program works
@@ -11,8 +11,9 @@ compiler exist) the program stays suspended after its images are written until t
 taken the state, so files and images agree; without it the state is read after the program goes
 on, and the worker warns. What the real DMTCP does that this relies on (observed on 4.2.0 and the
 5.0 head; tests/contract/test_dmtcp_contract.py holds the fake to it):
-- `--bcheckpoint` does not block on 4.2.0 (it returns before the images exist): the worker waits
-  for the hook's call, or for the coordinator to say it runs again, never for the command.
+- `--bcheckpoint` does not block on 4.2.0 (it returns before the images exist), and blocks on 5.0
+  for as long as the images take: the worker asks with `--checkpoint` and waits for the hook's
+  call, or for the coordinator to say it runs again with fresh images, never for a command.
 - the coordinator writes dmtcp_restart_script.sh as a symbolic link, in --ckptdir and, after a
   restart, in the program's working folder: those scripts are not state (restarts use the images).
 - images are gzipped by default, which costs seconds and defeats deduplication: --no-gzip.
@@ -53,6 +54,9 @@ HOOK_VARIABLE = "CBAS_HOOK_SOCKET"
 OLDEST, TESTED = (4, 2), {(4, 2), (5, 0)}  # the lines CBAS is tested with (tests/contract)
 WRITE_FLOOR = 120.0  # seconds any checkpoint may take to be written, plus 1 s per WRITE_RATE bytes
 WRITE_RATE = 20 << 20
+MAX_HOOK_CONNECTIONS = 64  # a program's processes, and then some
+HOOK_LINE_TIMEOUT = 5.0
+COMMAND_TIMEOUT = 20.0  # dmtcp_command: a missing coordinator takes 1-2 s to say so
 
 
 class DmtcpUnavailable(CheckpointFailed):
@@ -98,6 +102,20 @@ def resident_bytes(pids: Iterable[int]) -> int:
         except (OSError, IndexError, ValueError):
             continue
     return total
+
+
+def listener_uid(port: int) -> int | None:
+    """The uid of the process listening on a TCP port of this machine (/proc/net/tcp{,6})."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) > 7 and fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                return int(fields[7])
+    return None
 
 
 def dmtcp_environment(env: dict[str, str], hook_socket: Path | None, signal_number: int) -> dict[str, str]:
@@ -151,6 +169,7 @@ class HookServer:
         self._window: asyncio.Future[None] | None = None
         self._expected = 1
         self._held: list[asyncio.StreamWriter] = []
+        self._connections = 0
 
     async def start(self) -> None:
         self.path.unlink(missing_ok=True)  # in a folder of the worker's: the job cannot swap it
@@ -160,16 +179,29 @@ class HookServer:
         os.chmod(self.path, 0o600)
 
     async def _called(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        line = await reader.readline()
+        # the socket is the job's to call: a job that opens many connections or says nothing must
+        # not use up the worker's descriptors
+        if self._connections >= MAX_HOOK_CONNECTIONS:
+            writer.close()
+            return
+        self._connections += 1  # until answered (held ones: until released)
+        try:
+            line = await asyncio.wait_for(reader.readline(), HOOK_LINE_TIMEOUT)
+        except (TimeoutError, ConnectionError, ValueError):
+            line = b""
+        if line not in (b"restarted\n", b"checkpoint-written\n"):
+            self._connections -= 1
+            writer.close()
+            return
         if line.startswith(b"restarted"):
             self.restarted.set()
             if self.answer_restarts:
-                await _answer(writer)
+                await self._answer(writer)
             else:
                 self._held.append(writer)
             return
         if self._window is None:  # nobody is waiting: let the program go at once
-            await _answer(writer)
+            await self._answer(writer)
             return
         self._held.append(writer)
         if len(self._held) >= self._expected and not self._window.done():
@@ -189,7 +221,11 @@ class HookServer:
         self._window = None
         held, self._held = self._held, []
         for writer in held:
-            await _answer(writer)
+            await self._answer(writer)
+
+    async def _answer(self, writer: asyncio.StreamWriter) -> None:
+        self._connections -= 1
+        await _answer(writer)
 
     async def close(self) -> None:
         await self.release()
@@ -219,7 +255,13 @@ class Coordinator:
         command = await asyncio.create_subprocess_exec(
             self.tool, "--coord-port", str(self.port), *args,
             stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        output, _ = await command.communicate()
+        try:  # the coordinator runs as the job's user, which can stop it: never wait on it for good
+            output, _ = await asyncio.wait_for(command.communicate(), COMMAND_TIMEOUT)
+        except TimeoutError:
+            command.kill()
+            await command.wait()
+            raise CheckpointFailed(f"DMTCP's coordinator (port {self.port}) did not answer dmtcp_command "
+                                   f"{' '.join(args)} within {COMMAND_TIMEOUT:.0f}s") from None
         return command.returncode or 0, output.decode(errors="replace")
 
     async def status(self) -> dict[str, str]:
@@ -229,11 +271,13 @@ class Coordinator:
         return dict(line.strip().split("=", 1) for line in output.splitlines() if "=" in line)
 
     async def checkpoint(self) -> None:
-        code, output = await self._run("--bcheckpoint")
+        """Ask for a checkpoint; it does not wait for it (--bcheckpoint would on 5.0 only, for as
+        long as the images take): the hook's call, or the coordinator's status, says when."""
+        code, output = await self._run("--checkpoint")
         if code == COORDINATOR_NOT_FOUND:
             raise CheckpointFailed(f"DMTCP's coordinator (port {self.port}) is gone")
         if code != 0:
-            raise CheckpointFailed(f"dmtcp_command --bcheckpoint exited with {code}: {output[-500:]}")
+            raise CheckpointFailed(f"dmtcp_command --checkpoint exited with {code}: {output[-500:]}")
 
 
 class DmtcpCheckpointer:
@@ -314,9 +358,13 @@ class DmtcpCheckpointer:
                        *plugin, *java_without_perf_data(argv)]
         job = await ctx.spawn(command, env=env)
         port = await self._read_port(tmpdir, job)
+        if ctx.user is not None and (owner := listener_uid(port)) != ctx.user[0]:
+            # the port file is the job's to write: never command another's coordinator for it
+            raise CheckpointFailed(f"port {port} in DMTCP's port file is not the job's coordinator's "
+                                   f"(it is {'not listened on' if owner is None else f'uid {owner}'}'s)")
         self.coordinator = Coordinator(self._tool("dmtcp_command"), port)
         if ctx.user is not None:  # only the job and the worker may command its coordinator
-            self._guard = f"{ctx.job_id}-{port}"
+            self._guard = f"{ctx.tag or ctx.job_id}-{port}"
             await asyncio.to_thread(coordinator_guard.guard, self._guard, port, ctx.user[0])
         log.info("dmtcp.started", restart=bool(images), port=port, hook=library is not None)
         return job
@@ -342,8 +390,9 @@ class DmtcpCheckpointer:
         assert self.coordinator is not None
         timeout = self.write_timeout
         if timeout is None:
-            pids = job.cgroup.pids() if job.cgroup is not None else {job.pgid}
-            timeout = WRITE_FLOOR + await asyncio.to_thread(resident_bytes, pids) / WRITE_RATE
+            cgroup = job.cgroup
+            held = await asyncio.to_thread(lambda: resident_bytes(cgroup.pids() if cgroup else {job.pgid}))
+            timeout = WRITE_FLOOR + held / WRITE_RATE
         deadline = time.monotonic() + timeout
         written_at: float | None = None
         while window is None or not window.done():

@@ -200,9 +200,11 @@ async def test_a_program_dmtcp_cannot_checkpoint_fails_its_checkpoint_with_a_rea
     run = harness.run("d7", 'Executable = "/usr/bin/python3"; Arguments = "hold.py"; CheckpointStrategy = "dmtcp"; '
                             'CheckpointInterval = 3600;')
     task = asyncio.create_task(run.run())
+    await wait_running(run)
     await wait_for_line(run.layout.stdout, "tick")
     run.checkpointer.write_timeout = 3.0  # type: ignore[attr-defined]
     assert not await run.checkpoint("interval")
+    await run.checkpoints.reported()  # failures are reported in the background
     [failed] = harness.of_type(MessageType.CHECKPOINT_FAILED)
     assert "DMTCP did not write its images within 3s" in failed.body["error"]
     run.stop()
