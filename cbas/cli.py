@@ -399,6 +399,7 @@ def worker(ctx: click.Context, instance_id: str, disk: Path, metadata_url: str, 
 
     settings = settings_of(ctx)
     logs.configure(json=True, level=settings.log_level)
+    _raise_open_file_limit()  # a job's sockets to it (the DMTCP hook) must not run it out
     path = key_file or credential.key_file(disk)
     try:
         machine = credential.read_credential(path)
@@ -411,6 +412,14 @@ def worker(ctx: click.Context, instance_id: str, disk: Path, metadata_url: str, 
         await daemon.run()
 
     asyncio.run(run())
+
+
+def _raise_open_file_limit() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 @cli.command()

@@ -10,37 +10,33 @@ from __future__ import annotations
 
 import asyncio
 import os
-import shlex
-import shutil
 from pathlib import Path
 from typing import Awaitable, Callable
 
 import structlog
 
 from cbas import jdl
-from cbas.archive import ArchiveError, Member, pack, unpack
-from cbas.backends import BlobNotFound, BlobStore, VolumeSnapshots
+from cbas.archive import pack_beneath
+from cbas.backends import BlobStore, VolumeSnapshots
 from cbas.checkpoint.base import Cgroup, JobContext, JobProcess, checkpointer_for
 from cbas.checkpoint.signalled import CHECKPOINT_EXIT_CODE
-from cbas.checkpoint.store import ChunkStore, CorruptCheckpoint, Manifest
+from cbas.checkpoint.store import ChunkStore
 from cbas.faults import crash_point
+from cbas.logs import say_once
 from cbas.messages import MASTER, Envelope, JobDone, JobFailed, MessageType, StartJob, envelope, worker_address
 from cbas.settings import Settings
-from cbas.untrusted import UnsafePath, make_executable, tail, tree_size
+from cbas.untrusted import UnsafePath, tail, tree_size
 from cbas.worker import cgroups
-from cbas.worker.checkpoints import VOLUME_MARKER, Checkpoints
-from cbas.worker.job_files import JobLayout, lay_out, secure
+from cbas.worker.checkpoints import Checkpoints
+from cbas.worker.job_files import JobLayout, secure
 from cbas.worker.job_users import JobIdentity, JobUserUnavailable, acquire
+from cbas.worker.sandbox import PrepareFailed, Sandbox
 from cbas.worker.validation import Validator
 
 log = structlog.get_logger(__name__)
 
 STDERR_TAIL_LINES = 20
 Deliver = Callable[[Envelope], Awaitable[bool]]
-
-
-class PrepareFailed(RuntimeError):
-    pass
 
 
 class JobRun:
@@ -57,27 +53,40 @@ class JobRun:
         self.checkpointer = checkpointer_for(self.description.checkpoint_strategy, settings.signal_checkpoint_timeout,
                                              settings.dmtcp_checkpoint_signal)
         self.store = ChunkStore(blobs, start.job_id, start.opened_checkpoint_key())
-        self.volumes = volumes if self.description.checkpoints_on_volume() else None
         self.layout = JobLayout(disk)
         self.root = self.layout.root
         self.pgids_file = disk / "job-pgids"
         self.cgroups_file = disk / "job-cgroups"
         self.cache_dir = disk / "cache"  # kept across attempts on this machine
+        self.log = log.bind(job_id=start.job_id, attempt=start.attempt)
+        self.sandbox = Sandbox(self.layout, start, self.description, blobs, self.store,
+                               volumes if self.description.checkpoints_on_volume() else None, self.cache_dir, self.log)
         self.phase = "starting"
         self.restored_from: str | None = None
-        self.bad_checkpoints: list[str] = []
         self.stopping = False
         self.process: JobProcess | None = None
         self.identity: JobIdentity | None = None
         self.cgroup: cgroups.JobCgroup | None = None
         self.checkpoints: Checkpoints | None = None
         self._limit_hit: str | None = None  # a limit the worker enforces itself was passed
-        self.log = log.bind(job_id=start.job_id, attempt=start.attempt)
+        self._leftovers = False  # some of the job's processes could not be ended
         self.ctx: JobContext | None = None
 
     @property
     def job_id(self) -> str:
         return self.start.job_id
+
+    @property
+    def bad_checkpoints(self) -> list[str]:
+        return self.sandbox.bad_checkpoints
+
+    @property
+    def volumes(self) -> VolumeSnapshots | None:
+        return self.sandbox.volumes
+
+    @volumes.setter
+    def volumes(self, volumes: VolumeSnapshots | None) -> None:
+        self.sandbox.volumes = volumes
 
     def _message(self, type_: MessageType, body: object) -> Envelope:
         return envelope(type_, body, worker_address(self.instance_id), MASTER)  # type: ignore[arg-type]
@@ -94,7 +103,11 @@ class JobRun:
             ctx = await self._prepare()
             if self.stopping:
                 return
-            self.process = await self.checkpointer.start(ctx, self._argv(ctx))
+            self.process = await self.checkpointer.start(ctx, self.sandbox.argv(ctx))
+            if self.stopping:  # stopped (a notice, a cancel) while it was being started
+                self.process.kill()
+                await self._end_processes()
+                return
             self.phase = "running"
             self.log.info("job.started", pgid=self.process.pgid, restored_from=self.restored_from)
             crash_point("worker-job-started")
@@ -139,9 +152,9 @@ class JobRun:
         self.identity = await asyncio.to_thread(
             acquire, self.settings.job_user, self.settings.job_slot_dir, self.settings.job_slots)
         user = self.identity.user
-        on_volume = self._checkpoint_on_volume()
+        on_volume = self.sandbox.checkpoint_on_volume()
         if on_volume is None:
-            await asyncio.to_thread(self._lay_out_sandbox, user)
+            await asyncio.to_thread(self.sandbox.lay_out, user)
         else:  # the disk was made from this checkpoint's snapshot: state and logs are in place
             await asyncio.to_thread(secure, self.layout, user)
         self.cgroup = await asyncio.to_thread(self._make_cgroup, "")
@@ -149,14 +162,15 @@ class JobRun:
             job_id=self.job_id, workdir=self.layout.work, checkpoint_dir=self.layout.checkpoint,
             stdout=self.layout.stdout, stderr=self.layout.stderr, env={}, user=user, on_spawn=self._record_pgid,
             cache_dir=self.cache_dir, hook_dir=self.layout.hook, scratch_dir=self.layout.scratch, cgroup=self.cgroup,
+            tag=self.tag,
         )
         self.ctx = ctx
         if on_volume is None:
-            await asyncio.to_thread(self._restore, ctx, user)
+            self.restored_from = await asyncio.to_thread(self.sandbox.restore, self.checkpointer, ctx, user)
         else:
             self.restored_from = on_volume
             self.log.info("checkpoint.restored", checkpoint=on_volume, source="volume snapshot")
-        ctx.env = self._environment(ctx)
+        ctx.env = self.sandbox.environment(ctx, self.identity.name, restored=self.restored_from is not None)
         validate = Validator(self.layout, ctx, self.checkpointer, self._open_store, self._make_cgroup) \
             if self.description.validate_checkpoint else None
         self.checkpoints = Checkpoints(
@@ -169,134 +183,29 @@ class JobRun:
         if self.start.prologue_in_image:
             self.log.info("prologue.in_image")  # the machine's image was built with it
         else:
-            await self._run_prologue(ctx)
+            await self.sandbox.run_prologue(ctx)
         return ctx
+
+    @property
+    def tag(self) -> str:
+        """The attempt's name on this machine: its cgroups and firewall rules carry it."""
+        return f"{self.instance_id}-{self.job_id}-a{self.start.attempt}"
 
     def _make_cgroup(self, suffix: str) -> cgroups.JobCgroup | None:
         """The attempt's cgroup (or its validation's); None where the machine allows none (said once)."""
-        name = f"{self.instance_id}-{self.job_id}-a{self.start.attempt}" + (f"-{suffix}" if suffix else "")
+        name = self.tag + (f"-{suffix}" if suffix else "")
         limits = cgroups.Limits(max_processes=self.description.max_processes,
                                 memory_bytes=self.description.memory_limit_bytes() or _default_memory_limit())
         try:
             group = cgroups.create_job_cgroup(name, limits)
         except cgroups.CgroupUnavailable as exc:
-            _say_once("cgroup.unavailable", reason=str(exc), consequence="jobs are tracked by process group only")
+            say_once(log, "cgroup.unavailable", reason=str(exc), consequence="jobs are tracked by process group only")
             return None
         with open(self.cgroups_file, "a") as out:  # the machine's terminate kills what is listed
             out.write(f"{name}\n")
         if group.unenforced:
             self.log.warning("cgroup.limits_unenforced", limits=group.unenforced)
         return group
-
-    def _lay_out_sandbox(self, user: tuple[int, int] | None) -> None:
-        lay_out(self.layout, None)
-        self.cache_dir.mkdir(mode=0o711, exist_ok=True)
-        limit = self.description.disk_limit_bytes()
-        for name, target in (("input", self.layout.work), ("prologue", self.layout.prologue)):
-            key = f"jobs/{self.job_id}/{name}.tar.zst"
-            try:
-                if not self.blobs.exists(key):
-                    continue
-            except Exception as exc:
-                raise PrepareFailed(f"the blob store cannot be reached for the {name} sandbox: {exc}") from None
-            archive = self.layout.scratch / f"{name}.tar.zst"
-            try:
-                self.blobs.get_file(key, archive)
-            except BlobNotFound:
-                raise
-            except Exception as exc:  # retried within the blob store's budget already
-                raise PrepareFailed(f"the {name} sandbox could not be downloaded: {exc}") from None
-            try:
-                unpack(archive, target, **({"max_bytes": limit} if limit else {}))
-            except ArchiveError as exc:
-                raise PrepareFailed(f"the {name} sandbox cannot be unpacked: {exc}") from None
-            archive.unlink()
-        secure(self.layout, user)
-
-    def _checkpoint_on_volume(self) -> str | None:
-        """Volume storage: the checkpoint this machine's disk was made from, if it is one to use."""
-        if self.volumes is None or not self.start.checkpoints:
-            return None
-        try:
-            marker = self.root / VOLUME_MARKER
-            found = marker.read_text().strip() if marker.is_file() and not marker.is_symlink() else ""
-        except OSError:
-            found = ""
-        if found in self.start.checkpoints:
-            return found
-        self.log.warning("checkpoint.volume_mismatch", disk_has=found or None, wanted=self.start.checkpoints[0])
-        return None
-
-    def _restore(self, ctx: JobContext, user: tuple[int, int] | None) -> None:
-        if self.volumes is not None:
-            return  # volume checkpoints come with the disk, never from the blob store
-        for checkpoint_id in self.start.checkpoints:
-            try:
-                manifest = self.store.restore(checkpoint_id, self.checkpointer.state_dir(ctx))
-            except CorruptCheckpoint as exc:
-                self.log.warning("checkpoint.unusable", checkpoint=checkpoint_id, error=str(exc))
-                self.bad_checkpoints.append(checkpoint_id)
-                self._lay_out_sandbox(user)  # undo a partial restore before trying an older one
-                continue
-            self._restore_logs(manifest)
-            secure(self.layout, user)
-            self.restored_from = checkpoint_id
-            self.log.info("checkpoint.restored", checkpoint=checkpoint_id, bytes=manifest.total_bytes)
-            return
-        if self.start.checkpoints:
-            self.log.warning("checkpoint.none_usable", tried=self.start.checkpoints)
-
-    def _restore_logs(self, manifest: Manifest) -> None:
-        for path, length in ((self.layout.stdout, manifest.stdout_bytes), (self.layout.stderr, manifest.stderr_bytes)):
-            try:
-                data = self.blobs.get_bytes(f"jobs/{self.job_id}/logs/{path.name}")
-            except BlobNotFound:
-                data = b""
-            path.write_bytes(data[:length])
-
-    def _environment(self, ctx: JobContext) -> dict[str, str]:
-        # a clean environment: nothing of the worker's (credentials included) leaks into the job
-        name = self.identity.name if self.identity else "job"
-        return {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "HOME": str(ctx.workdir),
-            "USER": name,
-            "LOGNAME": name,
-            "LANG": "C.UTF-8",
-            "CBAS_JOB_ID": self.job_id,
-            "CBAS_ATTEMPT": str(self.start.attempt),
-            "CBAS_CHECKPOINT_DIR": str(ctx.checkpoint_dir),
-            "CBAS_RESTORED": "1" if self.restored_from else "0",
-            **self.description.environment,
-        }
-
-    async def _run_prologue(self, ctx: JobContext) -> None:
-        for name in self.description.prologue:
-            script = self.layout.prologue / Path(name).name  # the worker's folder: unpacked by it
-            if not script.is_file():
-                raise PrepareFailed(f"prologue script {name} is missing from the sandbox")
-            script.chmod(0o755)
-            process = await ctx.spawn([str(script)] if script.read_bytes()[:2] == b"#!" else ["/bin/sh", str(script)])
-            code = await process.process.wait()
-            if code != 0:
-                raise PrepareFailed(f"prologue {name} exited with code {code}")
-
-    def _argv(self, ctx: JobContext) -> list[str]:
-        executable = self.description.executable
-        try:
-            arguments = shlex.split(self.description.arguments)
-        except ValueError as exc:
-            raise PrepareFailed(f"Arguments cannot be split: {exc}") from None
-        if not os.path.isabs(executable):
-            try:
-                if make_executable(ctx.workdir, executable):  # never a link the prologue made
-                    return [f"./{executable}", *arguments]
-            except UnsafePath:
-                pass
-        found = shutil.which(executable, path=ctx.env["PATH"])
-        if found is None:
-            raise PrepareFailed(f"Executable {executable!r} is neither in the input sandbox nor on the PATH")
-        return [found, *arguments]
 
     def _record_pgid(self, pgid: int) -> None:
         with open(self.pgids_file, "a") as out:
@@ -314,7 +223,7 @@ class JobRun:
                 return code
             self.log.info("job.restarting_after_checkpoint_exit")
             ctx.env["CBAS_RESTORED"] = "1"
-            self.process = await self.checkpointer.start(ctx, self._argv(ctx))
+            self.process = await self.checkpointer.start(ctx, self.sandbox.argv(ctx))
 
     async def _checkpoint_timer(self) -> None:
         while True:
@@ -328,15 +237,24 @@ class JobRun:
             await self._check_limits()
 
     async def _check_limits(self) -> None:
-        """DiskLimit (no quota on these disks: measured) and the cgroup's limits (said once hit)."""
+        """DiskLimit (no quota on these disks: measured, logs included; a tree too deep to measure
+        is over it) and the cgroup's limits (said once hit)."""
         limit = self.description.disk_limit_bytes()
-        if limit is not None and self.ctx is not None and not self.stopping:
-            used = await asyncio.to_thread(lambda: tree_size(self.layout.work) + tree_size(self.layout.checkpoint))
-            if used > limit:
-                self.log.error("job.disk_limit", used=used, limit=limit)
-                self._limit_hit = f"its folders hold {used} bytes, over DiskLimit ({limit} bytes)"
-                if self.process is not None:
-                    self.process.kill()
+        if limit is None or self.ctx is None or self.stopping:
+            return
+        try:
+            used = await asyncio.to_thread(self._disk_used, self.ctx)
+            over = f"its folders and logs hold {used} bytes, over DiskLimit ({limit} bytes)" if used > limit else None
+        except UnsafePath as exc:
+            over = f"its folders cannot be measured against DiskLimit: {exc}"
+        if over is not None:
+            self.log.error("job.disk_limit", reason=over)
+            self._limit_hit = over
+            if self.process is not None:
+                self.process.kill()
+
+    def _disk_used(self, ctx: JobContext) -> int:
+        return sum(ctx.log_sizes()) + tree_size(self.layout.work) + tree_size(self.layout.checkpoint)
 
     async def _upload_logs_quietly(self) -> None:
         """Logs are uploaded again and again: one failed upload is only worth a warning."""
@@ -386,18 +304,25 @@ class JobRun:
                 pass
 
     async def _end_processes(self) -> None:
-        if self.cgroup is not None:
-            await asyncio.to_thread(_kill_quietly, self.cgroup)
+        """Every process of the job, gone: else its user is not given to another job, and the
+        attempt fails saying so."""
+        if self.cgroup is not None and not await asyncio.to_thread(_kill_quietly, self.cgroup):
+            self._leftovers = True
+            raise RuntimeError("the job's processes could not all be ended (its cgroup could not be killed)")
 
     async def _clean_up(self) -> None:
+        if self.checkpoints is not None:
+            await self.checkpoints.idle()  # a notice checkpoint's upload and validation end first
         hook_close = getattr(self.checkpointer, "close", None)
         if hook_close is not None:
             await hook_close()
         if self.cgroup is not None:
             cgroup, self.cgroup = self.cgroup, None
             await asyncio.to_thread(_remove_quietly, cgroup)
-        if self.identity is not None:
-            self.identity.release()
+        if self.identity is not None and not self._leftovers:
+            await asyncio.to_thread(self.identity.release)
+        elif self.identity is not None:
+            self.log.error("job_user.kept", user=self.identity.name, reason="processes of the job may live on")
 
     # --- the end ------------------------------------------------------------------------------
     async def _finish(self, ctx: JobContext, code: int) -> None:
@@ -427,25 +352,13 @@ class JobRun:
         return "; ".join(described.get(hit, hit) for hit in hits) or None
 
     def _upload_outputs(self, ctx: JobContext) -> list[str]:
-        """The job's processes are all gone now (its cgroup is empty): nothing can swap a file
-        for a link between the checks here and the archive's reads."""
-        members, missing = [], []
-        work = ctx.workdir.resolve()
-        for name in self.description.output_sandbox:
-            path = (ctx.workdir / name).resolve()
-            inside = path == work or work in path.parents
-            if not inside or not path.exists() or path.is_symlink():
-                missing.append(name)
-            else:
-                members.append(Member(path, name))
-        if members:
-            archive = self.layout.scratch / "output.tar.zst"
-            pack(members, archive)
+        """The OutputSandbox, read through descriptors from the job's folder (never by a path a
+        job process that somehow lives on could turn into a link)."""
+        archive = self.layout.scratch / "output.tar.zst"
+        missing = pack_beneath(ctx.workdir, self.description.output_sandbox, archive)
+        if archive.exists():
             self.blobs.put_file(f"jobs/{self.job_id}/output.tar.zst", archive)
         return missing
-
-
-_said: set[str] = set()
 
 
 def _default_memory_limit() -> int:
@@ -453,17 +366,13 @@ def _default_memory_limit() -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") * 0.9)
 
 
-def _say_once(event: str, **fields: object) -> None:
-    if event not in _said:
-        _said.add(event)
-        log.warning(event, **fields)
-
-
-def _kill_quietly(cgroup: Cgroup) -> None:
+def _kill_quietly(cgroup: Cgroup) -> bool:
     try:
         cgroup.kill()
+        return True
     except Exception as exc:  # the machine's terminate tries again with the names on its disk
         log.warning("cgroup.kill_failed", error=str(exc))
+        return False
 
 
 def _remove_quietly(cgroup: cgroups.JobCgroup) -> None:

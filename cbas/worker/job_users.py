@@ -12,18 +12,25 @@ from __future__ import annotations
 import fcntl
 import os
 import pwd
+import shutil
+import signal
+import stat
 import subprocess
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import structlog
 from tenacity import retry, retry_if_exception_type, stop_after_attempt, wait_random_exponential
 
+from cbas.untrusted import SYSTEM_ENV
+
 log = structlog.get_logger(__name__)
 
 SLOTS = "slots"
 WORKER = "worker"
 SLOT_PREFIX = "cbas-slot"
+KILL_ROUNDS = 40  # of 50 ms: a killed process is gone within a few
 
 
 class JobUserUnavailable(RuntimeError):
@@ -44,7 +51,10 @@ class JobIdentity:
         return None if self.uid == os.geteuid() else (self.uid, self.gid)
 
     def release(self) -> None:
+        """Give the slot back, leaving nothing of this job's for the next one of this uid: its
+        processes (killed), its files in the host's shared scratch folders, its crontab."""
         if self._lock_fd is not None:
+            sweep(self.uid, self.name)
             os.close(self._lock_fd)  # closing drops the flock
             self._lock_fd = None
 
@@ -112,7 +122,7 @@ def _useradd(name: str) -> None:
     # useradd refuses while /etc/passwd is locked by another useradd: retried
     subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
                     "--shell", "/usr/sbin/nologin", "--comment", "CBAS job slot", name],
-                   check=True, capture_output=True, text=True)
+                   check=True, capture_output=True, text=True, env=SYSTEM_ENV)
 
 
 def _slot_account(name: str) -> pwd.struct_passwd:
@@ -131,12 +141,96 @@ def _slot_account(name: str) -> pwd.struct_passwd:
     return pwd.getpwnam(name)
 
 
-def _uids_in_use() -> set[int]:
-    uids = set()
+# world-writable folders where a job may leave files for the next job of its uid
+SHARED_SCRATCH = ("/tmp", "/var/tmp", "/dev/shm", "/dev/mqueue", "/run/lock")
+# System V IPC objects outlive their processes (kernel.shm_rmid_forced is 0 by default):
+# /proc/sysvipc file, ipcrm flag, the columns holding the owner's and the creator's uid
+_SYSV_IPC = (("shm", "-m", ("uid", "cuid")), ("msg", "-q", ("uid", "cuid")), ("sem", "-s", ("uid", "cuid")))
+
+
+def _process_uids() -> dict[int, set[int]]:
+    """pid -> its real, effective, saved and filesystem uids (a setuid program's included), for
+    every process but zombies (dead: nothing left to run or to hold)."""
+    found = {}
     for entry in os.scandir("/proc"):
-        if entry.name.isdigit():
-            try:
-                uids.add(entry.stat().st_uid)
-            except FileNotFoundError:
-                continue
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status") as status:
+                for line in status:
+                    if line.startswith("State:") and line.split()[1] == "Z":
+                        break
+                    if line.startswith("Uid:"):
+                        found[int(entry.name)] = {int(uid) for uid in line.split()[1:]}
+                        break
+        except OSError:
+            continue
+    return found
+
+
+def _uids_in_use() -> set[int]:
+    uids: set[int] = set()
+    for found in _process_uids().values():
+        uids |= found
     return uids
+
+
+def sweep(uid: int, name: str) -> None:
+    """Kill what still runs as uid; remove what it left for the next job of its uid: its files in
+    the shared scratch folders (and in world-writable folders below them, root's /tmp/.X11-unix
+    say), its System V IPC objects, its crontab."""
+    for _ in range(KILL_ROUNDS):  # until none is left (a fork meanwhile is caught by the next round)
+        alive = [pid for pid, uids in _process_uids().items() if uid in uids]
+        if not alive:
+            break
+        for pid in alive:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                continue
+        time.sleep(0.05)
+    for path in _owned_in_shared_folders(uid):
+        subprocess.run(["rm", "-rf", "--one-file-system", "--", path], capture_output=True, env=SYSTEM_ENV)
+    for flag, ipc_id in _sysv_ipc_of(uid):
+        subprocess.run(["ipcrm", flag, ipc_id], capture_output=True, env=SYSTEM_ENV)
+    if shutil.which("crontab", path=SYSTEM_ENV["PATH"]):
+        subprocess.run(["crontab", "-r", "-u", name], capture_output=True, env=SYSTEM_ENV)
+
+
+def _owned_in_shared_folders(uid: int) -> list[str]:
+    """What uid owns in the shared folders. The uid can create entries only in folders it owns
+    (removed whole) or world-writable ones (looked into, links never followed): nothing else."""
+    found, folders = [], list(SHARED_SCRATCH)
+    while folders:
+        folder = folders.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if info.st_uid == uid:
+                found.append(entry.path)
+            elif stat.S_ISDIR(info.st_mode) and info.st_mode & stat.S_IWOTH and len(folders) < 4096:
+                folders.append(entry.path)
+    return found
+
+
+def _sysv_ipc_of(uid: int) -> list[tuple[str, str]]:
+    """(ipcrm flag, id) of every System V shared memory segment, queue and semaphore set that uid
+    owns or created."""
+    found = []
+    for kind, flag, columns in _SYSV_IPC:
+        try:
+            header, *rows = Path(f"/proc/sysvipc/{kind}").read_text().splitlines()
+        except (OSError, ValueError):
+            continue
+        names = header.split()
+        for row in rows:
+            values = dict(zip(names, row.split()))
+            if any(values.get(column) == str(uid) for column in columns):
+                found.append((flag, values[names[1]]))  # shmid / msqid / semid
+    return found
