@@ -18,9 +18,11 @@ from typing import Any, Iterator
 
 import pytest
 
+from cbas.checkpoint import coordinator_guard
 from cbas.client import MasterClient
 from cbas.local.cloud import MachineRecord
 from cbas.settings import Settings
+from cbas.worker.cgroups import kill_cgroup
 from tests.processes import kill_groups, wait_until_gone
 from tests.tracefiles import write_trace
 
@@ -157,6 +159,11 @@ class Cluster:
                     master.wait()
         kill_groups(groups + self.process_groups())
         wait_until_gone(groups)
+        for record in self.records():  # what a machine killed with its master leaves: cgroups, firewall rules
+            listed = Path(record.disk) / "job-cgroups"
+            for name in listed.read_text().split() if listed.exists() else []:
+                kill_cgroup(name)
+            coordinator_guard.release(f"{record.machine.instance_id}-", prefix=True)
 
 
 @pytest.fixture

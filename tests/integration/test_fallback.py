@@ -44,9 +44,13 @@ def job_with_wrapper(cluster: Cluster, name: str, wrapper: str, jdl: str) -> Pat
     return folder / "job.jdl"
 
 
-def kill_machine_when(cluster: Cluster, job_id: str, file: str, at_least: int, timeout: float = 60) -> None:
-    """Wait until the job's <file> in its working directory counts to at_least, then kill its machine."""
+def kill_machine_when(cluster: Cluster, job_id: str, file: str, at_least: int, checkpointed_from: int,
+                      timeout: float = 60) -> None:
+    """Wait until the job's <file> in its working directory counts to at_least and two checkpoints
+    were reported after it counted checkpointed_from (the newest holds a count at least that, however
+    slow checkpoints are on a loaded machine), then kill its machine."""
     deadline = time.monotonic() + timeout
+    reported_before: int | None = None
     while time.monotonic() < deadline:
         job = cluster.job(job_id)
         record = next((r for r in cluster.records() if r.machine.instance_id == job["instance_id"]), None)
@@ -56,7 +60,10 @@ def kill_machine_when(cluster: Cluster, job_id: str, file: str, at_least: int, t
                 value = int(path.read_text().split()[-1]) if path.exists() else 0
             except (ValueError, IndexError):
                 value = 0
-            if value >= at_least:
+            reported = len(job.get("checkpoint_list") or [])
+            if value >= checkpointed_from and reported_before is None:
+                reported_before = reported
+            if value >= at_least and reported_before is not None and reported >= reported_before + 2:
                 groups = [record.pgid] + [int(x) for x in (Path(record.disk) / "job-pgids").read_text().split()]
                 kill_groups(groups)  # the machine dies without a notice
                 return
@@ -71,7 +78,7 @@ def test_a_restart_that_crashes_falls_back_to_an_older_checkpoint(cluster: Clust
            'OutputSandbox = {"output.txt"}; CheckpointInterval = 1; Environment = {COUNTER_DELAY = "0.1"};')
     job_id = cluster.submit(job_with_wrapper(cluster, "crashy", CRASH_ON_RESUME.format(threshold=40), jdl))
     cluster.wait(job_id, ("RUNNING",))
-    kill_machine_when(cluster, job_id, "counter.state", 48)
+    kill_machine_when(cluster, job_id, "counter.state", 48, checkpointed_from=40)
     job = cluster.wait(job_id, timeout=120)
     assert job["state"] == "COMPLETED", job["events"]
     fallbacks = [e["detail"] for e in job["events"] if e["kind"] == "fallback"]
@@ -89,7 +96,7 @@ def test_a_restart_that_stalls_falls_back(cluster: Cluster) -> None:
     jdl = 'Executable = "wrapper.sh"; CheckpointStrategy = "signal"; CheckpointInterval = 1;'
     job_id = cluster.submit(job_with_wrapper(cluster, "stally", STALL_ON_RESUME, jdl))
     cluster.wait(job_id, ("RUNNING",))
-    kill_machine_when(cluster, job_id, "count.txt", 48)
+    kill_machine_when(cluster, job_id, "count.txt", 48, checkpointed_from=40)
     job = cluster.wait(job_id, timeout=120)
     assert job["state"] == "COMPLETED", job["events"]
     stalls = [e["detail"] for e in job["events"] if e["kind"] == "fallback"]
@@ -107,7 +114,7 @@ def test_a_restart_loop_fails_the_job_with_the_reason(cluster: Cluster) -> None:
            'CheckpointInterval = 1; Environment = {COUNTER_DELAY = "0.1"};')
     job_id = cluster.submit(job_with_wrapper(cluster, "loopy", CRASH_ON_RESUME.format(threshold=1), jdl))
     cluster.wait(job_id, ("RUNNING",))
-    kill_machine_when(cluster, job_id, "counter.state", 25)
+    kill_machine_when(cluster, job_id, "counter.state", 25, checkpointed_from=1)
     job = cluster.wait(job_id, timeout=120)
     assert job["state"] == "FAILED"
     assert job["error"].startswith("restart loop: 2 restarts from checkpoints made no progress")
