@@ -37,6 +37,15 @@ class MessageType(StrEnum):
     STOP_JOB = "STOP_JOB"
     CHECKPOINT_NOW = "CHECKPOINT_NOW"
     DATA_ACCESS = "DATA_ACCESS"
+    ACK = "ACK"
+
+
+# what a worker keeps and sends again until the master acknowledges it (cbas.worker.outbox):
+# the facts a master that was away must still learn; a PING is only the latest word
+FACT_TYPES = frozenset({
+    MessageType.WORKER_STARTED, MessageType.CHECKPOINT_DONE, MessageType.CHECKPOINT_FAILED,
+    MessageType.SPOT_NOTICE, MessageType.JOB_DONE, MessageType.JOB_FAILED,
+})
 
 
 class Envelope(BaseModel):
@@ -172,6 +181,13 @@ class DataAccess(_Body):
     sealed: str = Field(min_length=1, max_length=16384)
 
 
+class Ack(_Body):
+    """The master has these facts of the worker's (handled, a duplicate, or of an attempt that
+    is over): the worker stops sending them."""
+
+    message_ids: list[str] = Field(min_length=1, max_length=64)
+
+
 BODY_MODELS: dict[MessageType, type[_Body]] = {
     MessageType.ADD_JOB: AddJob,
     MessageType.CANCEL_JOB: CancelJob,
@@ -186,6 +202,7 @@ BODY_MODELS: dict[MessageType, type[_Body]] = {
     MessageType.STOP_JOB: StopJob,
     MessageType.CHECKPOINT_NOW: CheckpointNow,
     MessageType.DATA_ACCESS: DataAccess,
+    MessageType.ACK: Ack,
 }
 
 

@@ -3,10 +3,16 @@
 Deliveries have the shape of SNS notifications and are signed (HMAC-SHA256 with a key kept in
 the CBAS home, mode 0600) over SNS's string-to-sign, so endpoints verify every message the
 same way on both backends. Subscriptions (recipient -> URL) live in the job store's database.
+
+Delivery is SNS's, so that local tests of a master or worker that is away mean what they would
+on AWS: a send to a recipient that cannot be reached (not subscribed, not listening, answering
+5xx) succeeds for the sender, is tried again `delivery_retries` times `retry_seconds` apart in
+the background, and is then dropped. A 4xx answer is a refusal (MessageRejected), said at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import hashlib
 import hmac
@@ -17,12 +23,15 @@ from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import aiohttp
+import structlog
 
 from cbas import jsonlimits
 from cbas.backends import DeliveryError, InvalidMessage, MessageRejected, envelope_of
 from cbas.jsonlimits import TooDeep
 from cbas.local.store import connect
 from cbas.messages import Envelope
+
+log = structlog.get_logger(__name__)
 
 SIGNATURE_VERSION = "local-hmac-sha256"
 MAX_AGE = timedelta(hours=1)
@@ -51,11 +60,15 @@ def string_to_sign(fields: dict[str, str]) -> bytes:
 
 
 class LocalMessageBus:
-    def __init__(self, home: Path, db_path: Path, timeout: float = 10.0) -> None:
+    def __init__(self, home: Path, db_path: Path, timeout: float = 10.0, delivery_retries: int = 3,
+                 retry_seconds: float = 20.0) -> None:
         self._key = load_or_create_secret(home / "bus.key")
         self._conn = connect(db_path)
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
+        self.delivery_retries = delivery_retries  # 0: an unreachable recipient is the sender's DeliveryError
+        self.retry_seconds = retry_seconds
+        self._retrying: set[asyncio.Task[None]] = set()
 
     def sign(self, message: Envelope) -> bytes:
         fields = {
@@ -125,6 +138,31 @@ class LocalMessageBus:
         return row[0] if row else None
 
     async def send(self, message: Envelope) -> None:
+        try:
+            await self._post(message)
+        except DeliveryError as exc:
+            if self.delivery_retries <= 0:
+                raise
+            log.debug("bus.delivery_retrying", type=message.type, recipient=message.recipient, error=str(exc))
+            task = asyncio.create_task(self._retry(message))
+            self._retrying.add(task)
+            task.add_done_callback(self._retrying.discard)
+
+    async def _retry(self, message: Envelope) -> None:
+        for _ in range(self.delivery_retries):
+            await asyncio.sleep(self.retry_seconds)
+            try:
+                await self._post(message)
+                return
+            except MessageRejected as exc:
+                log.warning("bus.delivery_refused", type=message.type, recipient=message.recipient, error=str(exc))
+                return
+            except DeliveryError as exc:
+                error = str(exc)
+        log.warning("bus.delivery_dropped", type=message.type, id=message.id, recipient=message.recipient,
+                    retries=self.delivery_retries, error=error)
+
+    async def _post(self, message: Envelope) -> None:
         url = self.endpoint(message.recipient)
         if url is None:
             raise DeliveryError(f"no endpoint subscribed for {message.recipient}")
@@ -140,6 +178,8 @@ class LocalMessageBus:
             raise DeliveryError(f"cannot reach {message.recipient} at {url}: {exc}") from exc
 
     async def close(self) -> None:
+        for task in list(self._retrying):  # what is still being retried is dropped, as by a stopped SNS
+            task.cancel()
         if self._session is not None:
             await self._session.close()
             self._session = None

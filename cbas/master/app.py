@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import time
 from typing import Any, Awaitable, Callable
 
 import structlog
@@ -15,8 +14,8 @@ from cbas import __version__, jsonlimits
 from cbas.backends import BlobNotFound, InvalidMessage, NotFound, StaleWrite
 from cbas.jsonlimits import TooDeep
 from cbas.master.dashboard import add_dashboard, dashboard_token
-from cbas.master.gate import Gate, NotYet, Refused
-from cbas.master.handlers import registry
+from cbas.master.gate import NotYet, Refused
+from cbas.master.inbox import Inbox
 from cbas.master.metrics import CONTENT_TYPE
 from cbas.master.service import BadRequest, Master
 from cbas.messages import MASTER, UnroutableMessage
@@ -26,7 +25,7 @@ log = structlog.get_logger(__name__)
 
 MASTER_KEY: web.AppKey[Master] = web.AppKey("master", Master)
 TOKEN_KEY: web.AppKey[str] = web.AppKey("token", str)
-GATE_KEY: web.AppKey[Gate] = web.AppKey("gate", Gate)
+INBOX_KEY: web.AppKey[Inbox] = web.AppKey("inbox", Inbox)
 MAX_BODY = 256 * 1024
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -88,20 +87,11 @@ async def receive_message(request: web.Request) -> web.Response:
     if message.recipient != MASTER:
         raise BadRequest(f"message for {message.recipient!r} delivered to the master")
     structlog.contextvars.clear_contextvars()
-    stale = await request.app[GATE_KEY].admit(message)  # who sent it, and may it say this
-    if stale is not None:
-        master.metrics.ignored.labels(reason=stale.reason).inc()
-        log.info("message.ignored", type=message.type, sender=message.sender, why=stale.why)
-        return web.json_response({"ok": True, "ignored": stale.why})
-    window = master.settings.seen_message_window
-    if await master.store.seen(message.id, window):
+    outcome, why = await request.app[INBOX_KEY].take(message)
+    if outcome == "ignored":
+        return web.json_response({"ok": True, "ignored": why})
+    if outcome == "duplicate":
         return web.json_response({"ok": True, "duplicate": True})
-    began = time.perf_counter()
-    await registry.dispatch(master, message)
-    # remembered only once handled: a master that fails or dies while handling it gets it again
-    # (handlers are idempotent, so two copies handled at once change nothing twice)
-    await master.store.first_sighting(message.id, window)
-    master.metrics.messages.labels(type=message.type.value).observe(time.perf_counter() - began)
     return web.json_response({"ok": True})
 
 
@@ -223,7 +213,7 @@ def create_app(master: Master, token: str) -> web.Application:
     app = web.Application(middlewares=[errors_middleware, token_middleware], client_max_size=MAX_BODY)
     app[MASTER_KEY] = master
     app[TOKEN_KEY] = token
-    app[GATE_KEY] = Gate(master.keys, master.resources, master.store, registry)
+    app[INBOX_KEY] = Inbox(master)
     app.router.add_post("/messages", receive_message)
     app.router.add_get("/api/health", health)
     app.router.add_post("/api/jobs", create_job)

@@ -19,7 +19,7 @@ from cbas.authority import Credential, Unauthorized
 from cbas.backends import BlobStore, InvalidMessage, JobBlobs, MessageBus, VolumeSnapshots
 from cbas.jsonlimits import TooDeep
 from cbas.messages import (
-    MASTER, CheckpointNow, DataAccess, Envelope, MessageRegistry, MessageType, Ping, SpotNotice, StartJob, StopJob,
+    MASTER, Ack, CheckpointNow, DataAccess, Envelope, MessageRegistry, MessageType, Ping, SpotNotice, StartJob, StopJob,
     UnroutableMessage, WorkerStarted, envelope, worker_address,
 )
 from cbas.settings import Settings
@@ -127,6 +127,7 @@ class Worker:
             interval = self.job.start.ping_interval if self.job else self.settings.ping_interval
             await asyncio.sleep(interval)
             await self.ping()
+            await self.outbox.send_unacknowledged()  # facts a master that was away has not got
 
     async def _notice_watcher(self) -> None:
         rebalanced = False
@@ -221,6 +222,11 @@ async def on_stop_job(worker: Worker, message: Envelope, body: StopJob) -> None:
             worker._background(worker.job.on_notice())
         else:
             worker.job.stop()
+
+
+@registry.handler(MessageType.ACK)
+async def on_ack(worker: Worker, message: Envelope, body: Ack) -> None:
+    worker.outbox.acknowledged(body.message_ids)
 
 
 @registry.handler(MessageType.CHECKPOINT_NOW)

@@ -114,7 +114,7 @@ def test_the_master_renews_only_access_that_ends_within_twenty_minutes() -> None
     async def send(message: Any) -> None:
         sent.append(message)
 
-    master = SimpleNamespace(_data_access=data_access, _send_quietly=send)
+    master = SimpleNamespace(_data_access=data_access, send_quietly=send)
     entry = SimpleNamespace(id="l-1")
 
     def renew(expires: datetime | None) -> None:

@@ -8,6 +8,7 @@ import re
 import signal
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -135,6 +136,37 @@ def test_master_killed_and_restarted_mid_job_loses_nothing(cluster: Cluster, sto
     assert [m["instance_id"] for m in job["machines"]] == machines
     out = cluster.fetch(job_id)
     assert (out / "output.txt").read_text() == expected_counter(80)
+    cluster.assert_nothing_left()
+
+
+def test_a_job_that_finishes_while_the_master_is_away_longer_than_the_bus_retries_completes(
+    cluster: Cluster,
+) -> None:
+    # the bus gives up on an unreachable master after its retries (SNS's default: 3, ~20 s apart;
+    # here 1 after 0.3 s), so the JOB_DONE sent meanwhile is dropped; the worker keeps the fact and
+    # sends it again until the master acknowledges it
+    cluster.env.update(CBAS_BUS_DELIVERY_RETRIES="1", CBAS_BUS_RETRY_SECONDS="0.3")
+    cluster.market(CALM)
+    cluster.start_master()
+    job_id = cluster.submit(cluster.job_dir("away", n=20, delay=0.1, interval=1))
+    cluster.wait(job_id, ("RUNNING",))
+    [record] = [r for r in cluster.records() if r.machine.instance_id in cluster.running_machines()]
+    cluster.kill_master(signal.SIGKILL)
+    console = Path(record.disk) / "console.log"
+    deadline = time.monotonic() + 30
+    def dropped_job_done() -> bool:
+        lines = console.read_text().splitlines() if console.exists() else []
+        return any("bus.delivery_dropped" in line and "JOB_DONE" in line for line in lines)
+
+    while not dropped_job_done():
+        assert time.monotonic() < deadline, "the worker's JOB_DONE was never dropped while the master was away"
+        time.sleep(0.2)
+    time.sleep(1.0)
+    cluster.start_master()
+    job = cluster.wait(job_id, timeout=60)
+    assert job["state"] == "COMPLETED", job["events"]
+    assert job["restarts"] == 0
+    assert (cluster.fetch(job_id) / "output.txt").read_text() == expected_counter(20)
     cluster.assert_nothing_left()
 
 

@@ -12,6 +12,7 @@ import pytest
 from cbas import authority
 from cbas.authority import Credential
 from cbas.local.bus import LocalMessageBus
+from cbas.master import inbox
 from cbas.master.app import create_app
 from cbas.master.service import Master
 from cbas.messages import AddJob, CancelJob, Envelope, JobDone, MessageType, Ping, envelope
@@ -217,4 +218,35 @@ async def test_a_message_whose_handling_died_is_handled_when_it_comes_again(setu
     monkeypatch.setattr(master, "job_finished", real)
     again = await client.post("/messages", data=signed(master, message))  # the sender's retry
     assert again.status == 200 and "duplicate" not in await again.json()
+    assert (await master.store.get_job(job_id)).state == JobState.COMPLETED
+
+
+async def test_a_fact_is_acknowledged_to_its_worker_when_handled_and_again_when_it_comes_twice(setup, monkeypatch) -> None:
+    master, client = setup
+    job_id = await new_job(client)
+    await master.add_job(job_id, 'Executable = "/bin/true";')
+    credential = await machine_for(master, job_id)
+    for target in (JobState.PROVISIONING, JobState.STARTING, JobState.RUNNING):
+        await master.transition(job_id, target, event=target.lower(), update=lambda j: {"attempt": 1})
+    acks: list[Envelope] = []
+
+    async def send(message: Envelope) -> None:
+        acks.append(message)
+
+    master.bus.send = send  # type: ignore[method-assign]  # what the master sends to the worker
+    fact = from_worker(credential, "i-1", MessageType.JOB_DONE, JobDone(job_id=job_id, attempt=1))
+    monkeypatch.setattr(inbox, "ACK_AGAIN_AFTER", 0.05)
+    assert (await client.post("/messages", data=signed(master, fact))).status == 200
+    assert (await client.post("/messages", data=signed(master, fact))).status == 200  # a burst of copies:
+    await asyncio.sleep(0.1)  # one ACK
+    assert (await client.post("/messages", data=signed(master, fact))).status == 200  # the worker's resend
+    ping = from_worker(credential, "i-1", MessageType.PING, Ping(instance_id="i-1"))
+    assert (await client.post("/messages", data=signed(master, ping))).status == 200
+    forged = from_worker(master.keys.credential("l-other"), "i-1", MessageType.JOB_DONE,
+                         JobDone(job_id=job_id, attempt=1))
+    assert (await client.post("/messages", data=signed(master, forged))).status == 403
+    await asyncio.sleep(0.1)  # acks go in the background
+    mine = [m for m in acks if m.type == MessageType.ACK]
+    assert [m.body["message_ids"] for m in mine] == [[fact.id], [fact.id]]  # not the ping, not the forgery
+    assert all(m.recipient == "worker/i-1" and m.auth for m in mine)  # signed for that machine alone
     assert (await master.store.get_job(job_id)).state == JobState.COMPLETED
