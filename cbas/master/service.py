@@ -134,7 +134,10 @@ class Master(WorkerEvents):
                 log.exception("master.loop_failed", step=step.__name__)
             if step == self.schedule:
                 try:
-                    await asyncio.wait_for(self._wake.wait(), timeout=period)
+                    # asyncio.timeout, not wait_for: on 3.11 wait_for loses a cancel that lands as
+                    # the wait ends (a kick just before a stop), and the stop then hangs
+                    async with asyncio.timeout(period):
+                        await self._wake.wait()
                     await asyncio.sleep(self.settings.batch_window)  # gather arrivals into one pass
                 except TimeoutError:
                     pass
@@ -266,7 +269,8 @@ class Master(WorkerEvents):
         except jdl.JDLError as exc:
             raise BadRequest(str(exc)) from None
         for name, files in (("prologue", description.prologue), ("input", description.input_sandbox)):
-            if files and not self.blobs.exists(f"jobs/{job_id}/{name}.tar.zst"):
+            # the store retries (sleeping) through a brown-out: never on the loop
+            if files and not await asyncio.to_thread(self.blobs.exists, f"jobs/{job_id}/{name}.tar.zst"):
                 raise BadRequest(f"job {job_id} has no uploaded {name} archive (jobs/{job_id}/{name}.tar.zst)")
         job = await self.store.get_job(job_id)
         if job.state != JobState.SUBMITTING:
@@ -281,11 +285,11 @@ class Master(WorkerEvents):
         job = await self.store.get_job(job_id)
         new = await self.transition(job_id, JobState.CANCELLED, event="cancelled", detail="by the user")
         if new is not None and job.instance_id and job.state.has_machine():
-            await self._send_quietly(envelope(MessageType.STOP_JOB, StopJob(job_id=job_id, reason="cancelled"),
+            await self.send_quietly(envelope(MessageType.STOP_JOB, StopJob(job_id=job_id, reason="cancelled"),
                                               MASTER, worker_address(job.instance_id)))
             await self._release(job_id, job.instance_id, reason="job cancelled")
 
-    async def _send_quietly(self, message: Envelope) -> None:
+    async def send_quietly(self, message: Envelope) -> None:
         try:
             await self.bus.send(await self._signed(message))
         except (DeliveryError, MessageRejected) as exc:
@@ -409,7 +413,7 @@ class Master(WorkerEvents):
             return
         self._checkpoint_requested[job.id] = time.time()
         await self.store.add_event(JobEvent(job_id=job.id, kind="checkpoint-requested", detail=reason))
-        await self._send_quietly(envelope(MessageType.CHECKPOINT_NOW, CheckpointNow(job_id=job.id, reason=reason),
+        await self.send_quietly(envelope(MessageType.CHECKPOINT_NOW, CheckpointNow(job_id=job.id, reason=reason),
                                           MASTER, worker_address(job.instance_id)))
 
     async def move(self, job: Job, reason: str) -> None:
@@ -418,7 +422,7 @@ class Master(WorkerEvents):
             return
         self.moving[job.id] = (reason, time.time() + self.settings.migrate_timeout)
         await self.store.add_event(JobEvent(job_id=job.id, kind="moving", detail=reason))
-        await self._send_quietly(envelope(MessageType.STOP_JOB, StopJob(job_id=job.id, reason=reason, checkpoint=True),
+        await self.send_quietly(envelope(MessageType.STOP_JOB, StopJob(job_id=job.id, reason=reason, checkpoint=True),
                                           MASTER, worker_address(job.instance_id)))
 
     # --- views ------------------------------------------------------------------------------

@@ -85,7 +85,7 @@ class WorkerEvents:
         async def transition(self, job_id: str, target: JobState, **kwargs: Any) -> Job | None: ...
         async def _release(self, job_id: str, instance_id: str, reason: str) -> None: ...
         async def _signed(self, message: Envelope) -> Envelope: ...
-        async def _send_quietly(self, message: Envelope) -> None: ...
+        async def send_quietly(self, message: Envelope) -> None: ...
         async def drop_snapshots(self, job_id: str, keep: int) -> None: ...
         def kick(self) -> None: ...
 
@@ -167,7 +167,7 @@ class WorkerEvents:
             log.error("job_access.not_renewed", job_id=ping.job_id, instance_id=ping.instance_id, error=str(exc))
             return
         if sealed:
-            await self._send_quietly(envelope(MessageType.DATA_ACCESS, DataAccess(
+            await self.send_quietly(envelope(MessageType.DATA_ACCESS, DataAccess(
                 job_id=ping.job_id, attempt=ping.attempt, sealed=sealed), MASTER, worker_address(ping.instance_id)))
 
     async def pinged(self, ping: Ping) -> None:
@@ -272,23 +272,34 @@ class WorkerEvents:
     async def check_workers(self) -> None:
         for job_id, (reason, deadline) in list(self.moving.items()):
             if time.time() > deadline:
-                del self.moving[job_id]
-                job = await self.store.get_job(job_id)
-                if job.instance_id and job.state.has_machine():
-                    await self._restart_elsewhere(job_id, job.instance_id, f"{reason}; no checkpoint came in time",
-                                                  event="moved", update=lambda j: {})
+                try:
+                    job = await self.store.get_job(job_id)
+                    if job.instance_id and job.state.has_machine():
+                        await self._restart_elsewhere(job_id, job.instance_id, f"{reason}; no checkpoint came in time",
+                                                      event="moved", update=lambda j: {})
+                    del self.moving[job_id]
+                except Exception as exc:  # still moving: the next pass tries again
+                    log.warning("move.retrying", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
         for job_id in self.progress.pop_expired(time.time()):
-            job = await self.store.get_job(job_id)
-            if job.state == JobState.RUNNING and job.restored_from and job.attempt_checkpoints == 0:
-                await self.fall_back(job, f"no new checkpoint within {self.stall_timeout(job):.0f}s of restoring "
-                                          f"{job.restored_from}")
+            try:
+                job = await self.store.get_job(job_id)
+                if job.state == JobState.RUNNING and job.restored_from and job.attempt_checkpoints == 0:
+                    await self.fall_back(job, f"no new checkpoint within {self.stall_timeout(job):.0f}s of restoring "
+                                              f"{job.restored_from}")
+            except Exception as exc:  # watched again shortly, never dropped
+                log.warning("fall_back.retrying", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
+                self.progress.arm(job_id, time.time() + min(self.settings.ping_interval, 5.0))
         for instance_id in self.workers.dead():
-            entry = await self.resources.entry_for(instance_id)
-            if entry is None:
-                continue
-            spot = self.workers.was_noticed(instance_id)
-            reason = "spot capacity reclaimed" if spot else "worker stopped answering"
-            await self.machine_lost(entry.job_id, instance_id, reason, spot=spot)
+            try:
+                entry = await self.resources.entry_for(instance_id)
+                if entry is None:
+                    continue
+                spot = self.workers.was_noticed(instance_id)
+                reason = "spot capacity reclaimed" if spot else "worker stopped answering"
+                await self.machine_lost(entry.job_id, instance_id, reason, spot=spot)
+            except Exception as exc:  # the store or the cloud failed: keep the machine watched, try again
+                log.warning("machine_lost.retrying", instance_id=instance_id, error=f"{type(exc).__name__}: {exc}")
+                self.workers.again_soon(instance_id)
 
     async def machine_lost(self, job_id: str, instance_id: str | None, reason: str, spot: bool = False) -> None:
         """The job's machine is gone or going: release it and queue the job again."""
@@ -320,7 +331,10 @@ class WorkerEvents:
         if instance_id:
             await self._release(job_id, instance_id, reason=reason)
         if lost is None:
-            return
+            current = await self.store.get_job(job_id)
+            if current.state != JobState.PREEMPTED:
+                return
+            lost = current  # an earlier pass stopped halfway (its release failed): finish it
         loop = restart_loop(lost, self.settings.max_stalled_attempts)
         if loop is not None:
             await self.transition(job_id, JobState.FAILED, event="failed", detail=loop, update=lambda _: {"error": loop})

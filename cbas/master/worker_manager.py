@@ -35,6 +35,10 @@ class WorkerManager:
         grace = min(self.settings.ping_interval, 5.0)
         self._deadlines.shorten(instance_id, ends_at + grace)
 
+    def again_soon(self, instance_id: str) -> None:
+        """Handling its death failed: it is due again shortly (never left without a deadline)."""
+        self._deadlines.arm(instance_id, self.clock() + min(self.settings.ping_interval, 5.0))
+
     def was_noticed(self, instance_id: str) -> bool:
         return instance_id in self._noticed
 

@@ -94,3 +94,33 @@ async def test_machines_lost_before_any_checkpoint_move_the_job_on_demand(cluste
     events = await cluster.master.store.list_events(job_id)
     assert "attempts in a row were lost before a checkpoint" in events[-1].detail
 
+
+
+async def test_a_dead_machine_whose_release_fails_stays_watched_and_its_job_is_requeued_later(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # the watchdog's deadline was popped before machine_lost ran: one failing terminate left the
+    # job RUNNING on a dead machine with no timer at all, for ever
+    job_id = await a_job(cluster)
+    await cluster.master.schedule()
+    machine = await cluster.boot(job_id)
+    assert (await cluster.master.store.get_job(job_id)).state.value == "RUNNING"
+    clock = [cluster.master.workers.clock() + 3600]  # long past its ping deadline
+    monkeypatch.setattr(cluster.master.workers, "clock", lambda: clock[0])
+    real_terminate, calls = cluster.cloud.terminate, []
+
+    async def terminate_fails_once(instance_id: str) -> None:
+        calls.append(instance_id)
+        if len(calls) == 1:
+            raise RuntimeError("the cloud API timed out")
+        await real_terminate(instance_id)
+
+    monkeypatch.setattr(cluster.cloud, "terminate", terminate_fails_once)
+    await cluster.master.check_workers()
+    assert cluster.master.workers.watched() == 1  # still has a deadline
+    clock[0] += 10
+    await cluster.master.check_workers()
+    job = await cluster.master.store.get_job(job_id)
+    assert job.state.value == "QUEUED", job.state
+    assert calls == [machine.instance_id, machine.instance_id]
+    assert cluster.cloud.machines[machine.instance_id].state == "terminated"

@@ -1,0 +1,68 @@
+"""The master's event loop never waits on I/O: a blob store that retries (sleeping between
+tries) is called from a thread. Checked with asyncio's debug mode, which logs every callback
+that holds the loop longer than `slow_callback_duration`."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from cbas.master.app import create_app
+from cbas.master.service import Master
+from cbas.settings import Settings
+from cbas.wiring import open_master_backends
+
+TOKEN = "t0ken-for-tests"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+SLOW = 0.25  # seconds: far above any step of the master's own, far below the retries' sleeps
+
+
+class FlakyBlobs:
+    """A blob store whose first calls time out, as S3 does under a brown-out."""
+
+    def __init__(self, inner: Any, failures: int) -> None:
+        self.inner, self.failures = inner, failures
+
+    def __getattr__(self, name: str) -> Any:
+        call = getattr(self.inner, name)
+
+        def flaky(*args: Any, **kwargs: Any) -> Any:
+            if self.failures > 0:
+                self.failures -= 1
+                raise TimeoutError("the blob store did not answer")
+            return call(*args, **kwargs)
+
+        return flaky
+
+
+async def test_a_blob_store_that_retries_never_holds_the_masters_loop(
+    tmp_path: Path, aiohttp_client: Any, caplog: pytest.LogCaptureFixture,
+) -> None:
+    (tmp_path / "home").mkdir(mode=0o700)
+    settings = Settings(home=tmp_path / "home", batch_window=0.0)
+    backends = open_master_backends(settings)
+    master = Master(settings, backends)
+    client = await aiohttp_client(create_app(master, TOKEN))
+    loop = asyncio.get_running_loop()
+    try:
+        job_id = (await (await client.post("/api/jobs", json={"name": "t"}, headers=AUTH)).json())["job_id"]
+        backends.blobs.put_bytes(f"jobs/{job_id}/input.tar.zst", b"not read here")
+        backends.blobs.first_wait = 0.3  # type: ignore[attr-defined]
+        backends.blobs.inner = FlakyBlobs(backends.blobs.inner, failures=2)  # type: ignore[attr-defined]
+        loop.set_debug(True)
+        loop.slow_callback_duration = SLOW
+        with caplog.at_level(logging.WARNING, logger="asyncio"):
+            resp = await client.post(f"/api/jobs/{job_id}/submit", headers=AUTH,
+                                     json={"jdl": 'Executable = "x.sh"; InputSandbox = {"x.sh"};'})
+            assert resp.status == 200, await resp.text()
+        slow = [r.getMessage() for r in caplog.records if r.name == "asyncio" and "took" in r.getMessage()]
+        assert not slow, f"the master's loop was held: {slow}"
+        assert (await master.store.get_job(job_id)).state.value == "QUEUED"
+    finally:
+        loop.set_debug(False)
+        await backends.bus.close()
+        await backends.store.close()
