@@ -32,6 +32,10 @@ class Settings(BaseSettings):
     master_port: int = 0  # 0: pick a free port and publish it in <home>/master.json
     ping_interval: float = 30.0  # seconds between worker pings
     ping_missed_max: int = 4  # a worker is dead after this many missed pings
+    # the local bus delivers as SNS does without a delivery policy: a recipient that cannot be
+    # reached is tried again this many times, this many seconds apart, then the message is dropped
+    bus_delivery_retries: int = 3
+    bus_retry_seconds: float = 20.0
     boot_timeout: float = 300.0  # seconds for a launched machine's worker to announce itself
     schedule_interval: float = 5.0  # seconds between scheduler passes over queued jobs
     default_instance_type: str = "m5.large"
@@ -87,13 +91,15 @@ class Settings(BaseSettings):
     aws_bucket: str = ""
     aws_table: str = ""
     aws_topic_arn: str = ""
+    aws_inbox_queue_url: str = ""  # the master's queue on the topic: its messages wait there while it is away
     aws_image_id: str = ""
     aws_instance_profile: str = ""
     aws_security_groups: list[str] = Field(default_factory=list)
     # fetch SNS signing certificates through this endpoint instead of the certificate URL's host
     # (a VPC endpoint, an AWS emulator); the URL itself is checked as always
     aws_sns_certificate_endpoint: str = ""
-    # where SNS reaches this master's /messages (https on AWS); "{port}" stands for the port it bound
+    # where a bus pushes to this master's /messages; "{port}" stands for the port it bound. Unused on
+    # AWS, where the master reads its queue (aws_inbox_queue_url) and SNS never calls it
     public_url: str = ""
     aws_worker_wheel: Path | None = None  # the cbas wheel workers install (uploaded to the bucket)
 

@@ -8,7 +8,9 @@ from typing import TYPE_CHECKING
 from cbas.settings import Settings
 
 if TYPE_CHECKING:  # the implementations are imported when asked for, not at start-up
+    from cbas.aws.sqs_inbox import QueueInbox, Taker
     from cbas.backends import BlobStore, JobBlobs, MessageBus, VolumeSnapshots
+    from cbas.master.metrics import Metrics
     from cbas.master.service import Backends
 
 
@@ -80,7 +82,8 @@ def open_bus(settings: Settings) -> MessageBus:
                              boto3.client("sns", region_name=settings.aws_region))
     from cbas.local.bus import LocalMessageBus
 
-    return LocalMessageBus(settings.home, db_path(settings))
+    return LocalMessageBus(settings.home, db_path(settings), delivery_retries=settings.bus_delivery_retries,
+                           retry_seconds=settings.bus_retry_seconds)
 
 
 def open_volumes(settings: Settings, instance_id: str, disk: Path) -> VolumeSnapshots:
@@ -108,7 +111,7 @@ def open_master_backends(settings: Settings) -> Backends:
         from cbas.aws.job_access import StsJobCredentials
         from cbas.local.cloud import settings_env
 
-        _require_aws(settings, "aws_table", "aws_image_id", "public_url", "aws_worker_wheel")
+        _require_aws(settings, "aws_table", "aws_image_id", "aws_inbox_queue_url", "aws_worker_wheel")
         assert settings.aws_worker_wheel is not None
         blobs = open_blobs(settings)
         wheel_key = publish_worker_wheel(blobs, settings.aws_worker_wheel)
@@ -135,3 +138,19 @@ def open_master_backends(settings: Settings) -> Backends:
         bus=open_bus(settings),
         cloud=LocalCloud(settings),
     )
+
+
+def open_inbox_queue(settings: Settings, bus: MessageBus, inbox: Taker, metrics: Metrics) -> QueueInbox | None:
+    """The master's queue on AWS (cbas.aws.sqs_inbox), read for the master's lifetime; None on the
+    local backend, whose bus pushes to the master's /messages."""
+    if settings.backend != "aws":
+        return None
+    import boto3
+
+    from cbas.aws.bus import SnsMessageBus
+    from cbas.aws.sqs_inbox import QueueInbox
+
+    _require_aws(settings, "aws_inbox_queue_url")
+    assert isinstance(bus, SnsMessageBus)
+    return QueueInbox(settings.aws_inbox_queue_url, boto3.client("sqs", region_name=settings.aws_region), bus, inbox,
+                      metrics, ping_max_age=settings.dead_after())

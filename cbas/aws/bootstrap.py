@@ -5,7 +5,8 @@ creates only what is missing. Every policy is here, and docs/aws.md shows each (
 equal): the workers' instance role (SNS for its messages, snapshots of the cluster's volumes,
 describe calls; no S3 at all), the job-data role (jobs/* in the bucket; only the master's
 principal may assume it, and it does so with a session policy naming one job's prefix:
-cbas/aws/job_access.py), and the master's and the frontend's policies, the operator's to attach.
+cbas/aws/job_access.py), the master's queue's (only the topic may send to it), and the master's
+and the frontend's policies, the operator's to attach.
 """
 
 from __future__ import annotations
@@ -21,9 +22,11 @@ from botocore.exceptions import ClientError
 from cbas.aws.dynamodb import DynamoJobStore
 from cbas.aws.ec2 import WORKER_PORT
 from cbas.aws.job_access import job_data_role_name
+from cbas.aws.sqs_inbox import MAX_RECEIVES, RETENTION_SECONDS, VISIBILITY_SECONDS, WAIT_SECONDS
+from cbas.messages import MASTER
 
 MASTER_PRINCIPAL_ENV = "CBAS_AWS_MASTER_PRINCIPAL"  # whom the job-data role trusts (default: bootstrap's caller)
-
+MASTER_FILTER = {"recipient": [MASTER]}  # what the topic delivers to the master's queue
 
 
 @dataclass
@@ -37,15 +40,35 @@ def _code(error: ClientError) -> str:
     return str(error.response.get("Error", {}).get("Code", ""))
 
 
+NO_QUEUE = ("AWS.SimpleQueueService.NonExistentQueue", "QueueDoesNotExist")  # query and JSON protocols
+
+
 def names(cluster: str, account: str, region: str) -> dict[str, str]:
     return {
         "bucket": f"cbas-{cluster}-{account}-{region}",
         "table": f"cbas-{cluster}",
         "topic": f"cbas-{cluster}",
+        "inbox": inbox_queue_name(cluster),  # the master's messages wait here (cbas/aws/sqs_inbox.py)
+        "inbox_dead": f"{inbox_queue_name(cluster)}-dead",  # those that failed MAX_RECEIVES times
         "role": f"cbas-{cluster}-worker",
         "job_data_role": job_data_role_name(cluster),
         "security_group": f"cbas-{cluster}-workers",
     }
+
+
+def inbox_queue_name(cluster: str) -> str:
+    return f"cbas-{cluster}-master-inbox"  # never under cbas-CLUSTER-image-, which the reaper removes
+
+
+def inbox_queue_policy(queue_arn: str, topic_arn: str) -> dict[str, Any]:
+    """The master's queue: SNS may send to it for our topic, and no one may send otherwise (so a
+    genuine old notification cannot be put back in: the queue accepts them up to 14 days old)."""
+    return {"Version": "2012-10-17", "Statement": [
+        {"Effect": "Allow", "Principal": {"Service": "sns.amazonaws.com"}, "Action": "sqs:SendMessage",
+         "Resource": queue_arn, "Condition": {"ArnEquals": {"aws:SourceArn": topic_arn}}},
+        {"Effect": "Deny", "Principal": "*", "Action": "sqs:SendMessage",
+         "Resource": queue_arn, "Condition": {"ArnNotEquals": {"aws:SourceArn": topic_arn}}},
+    ]}
 
 
 def worker_policy(topic_arn: str, cluster: str) -> dict[str, Any]:
@@ -116,6 +139,10 @@ def master_policy(bucket: str, region: str, account: str, cluster: str) -> dict[
         {"Effect": "Allow", "Action": ["ec2:DescribeInstances", "ec2:DescribeSpotPriceHistory", "ec2:DescribeVolumes",
                                        "ec2:DescribeSnapshots", "ec2:DescribeImages", "ec2:DescribeInstanceAttribute",
                                        "ec2:GetConsoleOutput"], "Resource": "*"},
+        # the master's inbox: read, settle and leave for later; never send, never purge
+        {"Effect": "Allow", "Action": ["sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility",
+                                       "sqs:GetQueueAttributes"],
+         "Resource": f"arn:aws:sqs:{region}:{account}:{inbox_queue_name(cluster)}"},
         {"Effect": "Allow", "Action": ["sqs:CreateQueue", "sqs:DeleteQueue", "sqs:ReceiveMessage",
                                        "sqs:GetQueueAttributes", "sqs:SetQueueAttributes"],
          "Resource": f"arn:aws:sqs:{region}:{account}:cbas-{cluster}-image-*"},
@@ -197,6 +224,7 @@ class Bootstrap:
             report.created.append(f"topic {topic_arn}")
         # SHA256 signatures (SNS defaults to SHA1), also on a topic that existed already
         sns.set_topic_attributes(TopicArn=topic_arn, AttributeName="SignatureVersion", AttributeValue="2")
+        inbox_url = self._inbox(self.session.client("sqs"), sns, topic_arn, report)
 
         iam = self.session.client("iam")
         ec2_trust = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "sts:AssumeRole",
@@ -227,9 +255,60 @@ class Bootstrap:
         report.settings = {
             "CBAS_BACKEND": "aws", "CBAS_CLUSTER": self.cluster, "CBAS_AWS_REGION": self.region,
             "CBAS_AWS_BUCKET": n["bucket"], "CBAS_AWS_TABLE": n["table"], "CBAS_AWS_TOPIC_ARN": topic_arn,
+            "CBAS_AWS_INBOX_QUEUE_URL": inbox_url,
             "CBAS_AWS_INSTANCE_PROFILE": n["role"], "CBAS_AWS_SECURITY_GROUPS": json.dumps([group_id]),
         }
         return report
+
+    def _queue(self, sqs: Any, report: Report, name: str, attributes: dict[str, str], what: str) -> tuple[str, str]:
+        """The queue's URL and ARN, made if missing; its attributes set either way."""
+        try:
+            url = str(sqs.get_queue_url(QueueName=name)["QueueUrl"])
+        except ClientError as exc:
+            if _code(exc) not in NO_QUEUE:
+                raise
+            url = str(sqs.create_queue(QueueName=name, Attributes=attributes,
+                                       tags={"cbas:cluster": self.cluster})["QueueUrl"])
+            report.created.append(f"{what} {name}")
+        else:
+            sqs.set_queue_attributes(QueueUrl=url, Attributes=attributes)
+            report.found.append(f"{what} {name}")
+        arn = sqs.get_queue_attributes(QueueUrl=url, AttributeNames=["QueueArn"])["Attributes"]["QueueArn"]
+        return url, str(arn)
+
+    def _inbox(self, sqs: Any, sns: Any, topic_arn: str, report: Report) -> str:
+        """The master's queue, subscribed to the topic for the master's messages; its URL."""
+        n = self.names
+        kept = {"MessageRetentionPeriod": str(RETENTION_SECONDS), "SqsManagedSseEnabled": "true"}
+        _, dead_arn = self._queue(sqs, report, n["inbox_dead"], kept, "dead-letter queue")
+        url, arn = self._queue(sqs, report, n["inbox"], {
+            **kept, "VisibilityTimeout": str(VISIBILITY_SECONDS), "ReceiveMessageWaitTimeSeconds": str(WAIT_SECONDS),
+            "RedrivePolicy": json.dumps({"deadLetterTargetArn": dead_arn, "maxReceiveCount": str(MAX_RECEIVES)})},
+            "master's queue")
+        # the policy in a call of its own: the queue's ARN is known only once it exists
+        sqs.set_queue_attributes(QueueUrl=url, Attributes={"Policy": json.dumps(inbox_queue_policy(arn, topic_arn))})
+        # not raw: the queue holds SNS's notification, signature and all, which the master verifies
+        wanted = {"FilterPolicy": json.dumps(MASTER_FILTER), "RawMessageDelivery": "false"}
+        subscriptions = [s for page in sns.get_paginator("list_subscriptions_by_topic").paginate(TopicArn=topic_arn)
+                         for s in page["Subscriptions"]]
+        ours = [s for s in subscriptions if s["Protocol"] == "sqs" and s["Endpoint"] == arn]
+        if ours:
+            for name, value in wanted.items():
+                sns.set_subscription_attributes(SubscriptionArn=ours[0]["SubscriptionArn"], AttributeName=name,
+                                                AttributeValue=value)
+            report.found.append(f"subscription of {n['inbox']} to the topic")
+        else:
+            sns.subscribe(TopicArn=topic_arn, Protocol="sqs", Endpoint=arn, Attributes=wanted,
+                          ReturnSubscriptionArn=True)
+            report.created.append(f"subscription of {n['inbox']} to the topic")
+        # an HTTP endpoint of a master from before the queue (one that died before unsubscribing)
+        for subscription in subscriptions:
+            if subscription["Protocol"] in ("http", "https") and subscription["SubscriptionArn"].startswith("arn:"):
+                attributes = sns.get_subscription_attributes(SubscriptionArn=subscription["SubscriptionArn"])["Attributes"]
+                if json.loads(attributes.get("FilterPolicy") or "{}") == MASTER_FILTER:
+                    sns.unsubscribe(SubscriptionArn=subscription["SubscriptionArn"])
+                    report.created.append(f"removed the master's HTTP subscription {subscription['Endpoint']}")
+        return url
 
     def down(self) -> Report:
         """Delete what up() made; the bucket with everything in it."""
@@ -253,6 +332,14 @@ class Bootstrap:
             if topic["TopicArn"].rsplit(":", 1)[1] == n["topic"]:
                 sns.delete_topic(TopicArn=topic["TopicArn"])
                 report.created.append(f"deleted topic {topic['TopicArn']}")
+        sqs = self.session.client("sqs")
+        for queue in (n["inbox"], n["inbox_dead"]):  # (deleting the topic removed the subscription)
+            try:
+                sqs.delete_queue(QueueUrl=sqs.get_queue_url(QueueName=queue)["QueueUrl"])
+                report.created.append(f"deleted queue {queue}")
+            except ClientError as exc:
+                if _code(exc) not in NO_QUEUE:
+                    raise
         iam = self.session.client("iam")
         try:
             iam.delete_role_policy(RoleName=n["job_data_role"], PolicyName="cbas-job-data")

@@ -81,6 +81,11 @@ class SnsMessageBus:
             fields = self.verifier.verify(body)
         except InvalidSignature as exc:
             raise InvalidMessage(str(exc)) from None
+        return self.unwrap(fields)
+
+    def unwrap(self, fields: dict[str, Any]) -> Envelope | None:
+        """What a verified SNS message (an HTTP delivery, or a queued one: cbas.aws.sqs_inbox)
+        carries: the envelope of a notification; None for a confirmation, handled here."""
         if fields["Type"] == "SubscriptionConfirmation":
             aws_retry(self.client.confirm_subscription)(TopicArn=self.topic_arn, Token=fields["Token"])
             log.info("sns.subscription_confirmed", topic=self.topic_arn)

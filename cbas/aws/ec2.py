@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import re
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any, Callable
@@ -244,7 +245,12 @@ class Ec2Cloud:
                       for i in images]
             if self.sqs is not None:
                 prefix = f"cbas-{self.cluster}-image-"
+                # an image builder's name exactly (ImageBuilder.build): not the queues of a cluster
+                # whose name only starts like it ("lab-image-x", whose inbox is cbas-lab-image-x-master-inbox)
+                builder = re.compile(re.escape(prefix) + r"[0-9a-f]{16}$")
                 for url in aws_retry(self.sqs.list_queues)(QueueNamePrefix=prefix).get("QueueUrls", []):
+                    if not builder.match(url.rsplit("/", 1)[-1]):
+                        continue
                     stamp = aws_retry(self.sqs.get_queue_attributes)(
                         QueueUrl=url, AttributeNames=["CreatedTimestamp"])["Attributes"]["CreatedTimestamp"]
                     found.append(Leftover(kind="queue", id=url, created_at=datetime.fromtimestamp(float(stamp), timezone.utc)))

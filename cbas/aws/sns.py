@@ -37,6 +37,11 @@ class InvalidSignature(ValueError):
     """The message is not a genuine SNS message for us; the text says why."""
 
 
+class CertificateUnavailable(InvalidSignature):
+    """The signing certificate could not be fetched: the message may be genuine (a queue keeps it
+    to try again; an HTTP delivery is refused and SNS sends it again)."""
+
+
 def string_to_sign(message: dict[str, Any]) -> bytes:
     keys = NOTIFICATION_KEYS if message.get("Type") == "Notification" else CONFIRMATION_KEYS
     return "".join(f"{key}\n{message[key]}\n" for key in keys if key in message).encode()
@@ -113,7 +118,7 @@ class CertificateCache:
             try:
                 certificate = self._fetch(url)
             except OSError as exc:
-                raise InvalidSignature(f"cannot fetch the signing certificate: {exc}") from None
+                raise CertificateUnavailable(f"cannot fetch the signing certificate: {exc}") from None
             if len(self._cache) >= self._size:
                 del self._cache[next(iter(self._cache))]
             self._cache[url] = certificate

@@ -8,7 +8,10 @@ resource only for S3 (arn:aws:s3:::bucket and bucket/key, "*" matching any run o
 SQS queues that exist, IAM calls naming a role, and sts:AssumeRole (the role ARN, whose trust
 policy it checks against the caller's ARN, literally). Every other call is checked against the
 resource "*", which a statement naming an ARN never matches: `moto_view` widens those statements
-to "*", their actions unchanged. Conditions are not evaluated (only StringEquals on sts:ExternalId
+to "*", their actions unchanged (it keeps SQS statements made only of calls on a queue that
+exists, such as the master's inbox's, as written). moto also takes SQS's batch calls for actions
+of their own (sqs:DeleteMessageBatch...), where AWS authorizes them by the single call's action:
+`moto_view` adds the batch twin beside each. Conditions are not evaluated (only StringEquals on sts:ExternalId
 of a trust policy), session policies of AssumeRole are stored and ignored, and credentials never
 expire. A pass proves less than real IAM; a failure is real.
 """
@@ -25,6 +28,11 @@ import boto3
 
 ACCOUNT = "123456789012"  # moto's default account
 KEPT_EXACT = ("s3:", "sts:", "iam:")  # services whose resources moto matches: their statements stay as written
+# calls on an SQS queue that exists, which moto checks against the queue's ARN (CreateQueue and
+# ListQueues are checked against "*")
+SQS_ON_A_QUEUE = frozenset({"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility",
+                            "sqs:GetQueueAttributes", "sqs:SendMessage"})
+SQS_BATCHED = ("sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:SendMessage")  # each has a ...Batch call
 ADMIN_POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
 
 
@@ -35,11 +43,16 @@ def _actions(statement: dict[str, Any]) -> list[str]:
 
 def moto_view(policy: dict[str, Any]) -> dict[str, Any]:
     """The policy as moto can apply it: statements of services whose resources moto does not
-    resolve (SNS, DynamoDB, EC2, SQS) get Resource "*"; S3, STS and IAM statements are unchanged."""
+    resolve (SNS, DynamoDB, EC2, SQS but for calls on a queue) get Resource "*"; S3, STS, IAM
+    statements and those of SQS calls on a queue are unchanged."""
     view = copy.deepcopy(policy)
     for statement in view["Statement"]:
-        if not all(a.startswith(KEPT_EXACT) for a in _actions(statement)):
+        actions = _actions(statement)
+        if not (all(a.startswith(KEPT_EXACT) for a in actions) or set(actions) <= SQS_ON_A_QUEUE):
             statement["Resource"] = "*"
+        batched = [f"{a}Batch" for a in actions if a in SQS_BATCHED]
+        if batched:
+            statement["Action"] = actions + batched
     return view
 
 

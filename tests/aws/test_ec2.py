@@ -115,12 +115,13 @@ async def test_the_clusters_leftovers_are_found_and_removed(ec2) -> None:  # typ
     loose = client.create_volume(AvailabilityZone="us-east-1a", Size=1, TagSpecifications=tags)["VolumeId"]
     built = client.create_image(InstanceId=machine.instance_id, Name="cbas-test-x", TagSpecifications=[
         {"ResourceType": "image", "Tags": [{"Key": "cbas:cluster", "Value": "test"}]}])["ImageId"]
-    queue = sqs.create_queue(QueueName="cbas-test-image-abc")["QueueUrl"]
+    queue = sqs.create_queue(QueueName="cbas-test-image-0123456789abcdef")["QueueUrl"]
     sqs.create_queue(QueueName="someone-elses-queue")
+    sqs.create_queue(QueueName="cbas-test-image-x-master-inbox")  # cluster "test-image-x"'s master's queue
     found = {(item.kind, item.id) for item in await cloud.leftovers()}
     assert found >= {("machine", machine.instance_id), ("snapshot", snapshot), ("volume", loose), ("image", built),
                      ("queue", queue)}
-    assert not any("someone-elses" in id_ for _, id_ in found)
+    assert not any("someone-elses" in id_ or "inbox" in id_ for _, id_ in found)
     for item in await cloud.leftovers():
         await cloud.remove(item)
     assert {(item.kind, item.id) for item in await cloud.leftovers()} == set()

@@ -1,5 +1,6 @@
 """A job through the AWS backends on moto: master and worker talk only through SNS (every
-delivery signature-checked), state in DynamoDB, files in S3, the machine an EC2 instance. The
+delivery signature-checked; the master's wait in its SQS queue, which it reads as `cbas master`
+does), state in DynamoDB, files in S3, the machine an EC2 instance. The
 instance is "booted" by starting the worker here with that instance's id. moto's IAM is on: the
 cluster comes from `Bootstrap` run by an administrator, the master signs as a user with the
 master's policy, the worker as a session of the instance role (which reaches no S3), and the
@@ -28,10 +29,10 @@ from cbas.aws.ec2 import Ec2Cloud, presigned_user_data, publish_worker_wheel
 from cbas.aws.job_access import ScopedJobBlobs, StsJobCredentials
 from cbas.aws.s3 import S3BlobStore
 from cbas.aws.sns import SnsVerifier
+from cbas.aws.sqs_inbox import QueueInbox
 from cbas.local.metadata import metadata_app
-from cbas.master.app import create_app
+from cbas.master.app import INBOX_KEY, create_app
 from cbas.master.service import Backends, Master
-from cbas.messages import MASTER
 from cbas.settings import Settings
 from cbas.state import JobState
 from cbas.worker.credential import key_file, read_credential, write_credential
@@ -92,9 +93,14 @@ async def run_job(home: Path, admin: boto3.session.Session, master_aws: boto3.se
     credentials = StsJobCredentials(master_aws.client("sts"), "e2e", bucket, seconds=900)
     master = Master(settings, Backends(store, blobs, SnsMessageBus(topic, verifier, sns), cloud,
                                        job_credentials=credentials))
-    master_runner, master_url = await serve(create_app(master, "token"))
-    await master.bus.subscribe(MASTER, f"{master_url}/messages")
+    app = create_app(master, "token")
+    master_runner, master_url = await serve(app)
+    assert isinstance(master.bus, SnsMessageBus)
+    queue = QueueInbox(made["CBAS_AWS_INBOX_QUEUE_URL"], master_aws.client("sqs"), master.bus, app[INBOX_KEY],
+                       master.metrics, ping_max_age=settings.dead_after(), wait_seconds=1)
+    await queue.open()
     await master.start()
+    reading = asyncio.create_task(queue.run())
     worker_task = None
     metadata_runner = None
     try:
@@ -165,9 +171,10 @@ async def run_job(home: Path, admin: boto3.session.Session, master_aws: boto3.se
         assert kinds[:3] == ["queued", "provisioning", "starting"] and kinds[-1] == "completed"
         assert (await store.list_ledger(live_only=False))[0].price > 0  # the spot price it was placed at
     finally:
-        if worker_task is not None:
-            worker_task.cancel()
-            await asyncio.gather(worker_task, return_exceptions=True)
+        for task in (worker_task, reading):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         await master.stop()
         await master.bus.close()
         await master_runner.cleanup()

@@ -239,3 +239,44 @@ def test_moto_gaps_session_policies_and_prefix_conditions_are_not_enforced(clust
     s3 = job_session(cluster, "A").client("s3")
     assert s3.get_object(Bucket=BUCKET, Key="jobs/B/input.tar.zst")["Body"].read()  # session policy ignored
     assert s3.list_objects_v2(Bucket=BUCKET, Prefix="jobs/B/")["KeyCount"] == 2  # s3:prefix condition ignored
+
+
+# --- the master's queue -------------------------------------------------------------------------------
+
+def sqs_refused(call: Any, **params: Any) -> bool:
+    try:
+        call(**params)
+    except ClientError as exc:
+        return "AccessDenied" in exc.response["Error"]["Code"] or exc.response["Error"]["Code"] == "403"
+    return False
+
+
+def test_only_the_master_reads_its_queue_and_no_one_sends_to_it_by_hand(cluster: dict[str, Any]) -> None:
+    """moto checks SQS calls on a queue against the queue's ARN: the master's statement is applied
+    as written (tests/aws/iam.py). The queue policy's Deny of anyone but SNS is tested as data."""
+    admin = cluster["admin"].client("sqs")
+    inbox = admin.get_queue_url(QueueName="cbas-lab-master-inbox")["QueueUrl"]
+    dead = admin.get_queue_url(QueueName="cbas-lab-master-inbox-dead")["QueueUrl"]
+    admin.send_message(QueueUrl=inbox, MessageBody="x")  # (moto evaluates no queue policy)
+    master = cluster["master"].client("sqs")
+    got = master.receive_message(QueueUrl=inbox, WaitTimeSeconds=1, AttributeNames=["ApproximateReceiveCount"])
+    [message] = got["Messages"]
+    master.change_message_visibility_batch(QueueUrl=inbox, Entries=[
+        {"Id": "0", "ReceiptHandle": message["ReceiptHandle"], "VisibilityTimeout": 0}])
+    again = master.receive_message(QueueUrl=inbox, WaitTimeSeconds=1)["Messages"][0]
+    assert master.delete_message_batch(QueueUrl=inbox, Entries=[
+        {"Id": "0", "ReceiptHandle": again["ReceiptHandle"]}])["Successful"]
+    assert master.get_queue_attributes(QueueUrl=inbox, AttributeNames=["ApproximateNumberOfMessages"])
+    assert sqs_refused(master.send_message, QueueUrl=inbox, MessageBody="forged")  # the master never sends
+    assert sqs_refused(master.purge_queue, QueueUrl=inbox)
+    # the statement names that one queue, not its neighbours (the master's whole policy, as moto
+    # can apply it, also has the image builders' queue statement widened to "*": this alone)
+    statement = [s for s in master_policy(BUCKET, REGION, ACCOUNT, "lab")["Statement"] if "sqs:DeleteMessage" in s["Action"]]
+    reader, _ = user(cluster["admin"].client("iam"), "inbox-reader",
+                     moto_view({"Version": "2012-10-17", "Statement": statement}))
+    assert "Messages" not in reader.client("sqs").receive_message(QueueUrl=inbox, WaitTimeSeconds=0)
+    assert sqs_refused(reader.client("sqs").receive_message, QueueUrl=dead)
+    machine = cluster["machine"].client("sqs")  # a job's machine: nothing in SQS
+    for call, params in ((machine.receive_message, {}), (machine.send_message, {"MessageBody": "forged"}),
+                         (machine.get_queue_attributes, {"AttributeNames": ["All"]})):
+        assert sqs_refused(call, QueueUrl=inbox, **params), call
