@@ -199,13 +199,19 @@ async def test_bodies_over_the_limit_are_refused(setup) -> None:
     assert resp.status == 413
 
 
-async def test_a_message_whose_handling_died_is_handled_when_it_comes_again(setup, monkeypatch) -> None:
-    master, client = setup
+async def running_job(master: Master, client) -> tuple[str, Credential]:  # type: ignore[no-untyped-def]
+    """A job RUNNING its first attempt on machine i-1, and that machine's credential."""
     job_id = await new_job(client)
     await master.add_job(job_id, 'Executable = "/bin/true";')
     credential = await machine_for(master, job_id)
     for target in (JobState.PROVISIONING, JobState.STARTING, JobState.RUNNING):
         await master.transition(job_id, target, event=target.lower(), update=lambda j: {"attempt": 1})
+    return job_id, credential
+
+
+async def test_a_message_whose_handling_died_is_handled_when_it_comes_again(setup, monkeypatch) -> None:
+    master, client = setup
+    job_id, credential = await running_job(master, client)
     message = from_worker(credential, "i-1", MessageType.JOB_DONE, JobDone(job_id=job_id, attempt=1))
     real = master.job_finished
 
@@ -223,11 +229,7 @@ async def test_a_message_whose_handling_died_is_handled_when_it_comes_again(setu
 
 async def test_a_fact_is_acknowledged_to_its_worker_when_handled_and_again_when_it_comes_twice(setup, monkeypatch) -> None:
     master, client = setup
-    job_id = await new_job(client)
-    await master.add_job(job_id, 'Executable = "/bin/true";')
-    credential = await machine_for(master, job_id)
-    for target in (JobState.PROVISIONING, JobState.STARTING, JobState.RUNNING):
-        await master.transition(job_id, target, event=target.lower(), update=lambda j: {"attempt": 1})
+    job_id, credential = await running_job(master, client)
     acks: list[Envelope] = []
 
     async def send(message: Envelope) -> None:
