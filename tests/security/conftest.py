@@ -13,29 +13,23 @@ from aiohttp import web
 
 from cbas import authority, jdl
 from cbas.authority import Credential
-from cbas.backends import Leftover
 from cbas.local.bus import LocalMessageBus
 from cbas.master.app import create_app
 from cbas.master.credentials import MachineKeys, load_master_key
 from cbas.master.service import Master
 from cbas.messages import MASTER, Envelope, MessageType, Ping, WorkerStarted, envelope, worker_address
-from cbas.models import LaunchSpec, Machine, Offer
+from cbas.models import LaunchSpec, Machine
 from cbas.settings import Settings
 from cbas.wiring import open_master_backends
+from tests.faults.test_message_chaos import MemoryCloud
 
 TOKEN = "t0ken"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 JDL = jdl.write(jdl.JobDescription(executable="/bin/true", name="victim"))
 
 
-class CountingCloud:
-    """Machines that exist as records, each launch a new instance id."""
-
-    def __init__(self) -> None:
-        self.machines: dict[str, Machine] = {}
-
-    async def start(self) -> None: ...
-    async def close(self) -> None: ...
+class CountingCloud(MemoryCloud):
+    """MemoryCloud whose every launch is a new instance id (an attack needs a second machine)."""
 
     async def launch(self, spec: LaunchSpec) -> Machine:
         for machine in self.machines.values():
@@ -48,25 +42,8 @@ class CountingCloud:
         self.machines[instance_id] = machine
         return machine
 
-    async def terminate(self, instance_id: str) -> None:
-        if instance_id in self.machines:
-            self.machines[instance_id] = self.machines[instance_id].model_copy(update={"state": "terminated"})
-
-    async def list_machines(self) -> list[Machine]:
-        return [m for m in self.machines.values() if m.state != "terminated"]
-
-    async def offers(self) -> list[Offer]:
-        return [Offer(zone="z1", instance_type="c5.large", spot_price=0.03, ondemand_price=0.085, available=True)]
-
-    async def delete_snapshot(self, snapshot_id: str) -> None: ...
-
     async def console_output(self, instance_id: str) -> bytes | None:
         return None
-
-    async def leftovers(self) -> list[Leftover]:
-        return []
-
-    async def remove(self, leftover: Leftover) -> None: ...
 
 
 @dataclass
