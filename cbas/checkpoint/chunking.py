@@ -32,12 +32,22 @@ class UnsupportedFile(ValueError):
     pass
 
 
+class StateChanged(UnsupportedFile):
+    """A file changed, grew, shrank or vanished while it was captured."""
+
+
 def excluded(relative: str, patterns: frozenset[str]) -> bool:
     return any(fnmatchcase(relative, pattern) for pattern in patterns)
 
 
 def _cuts(view: memoryview) -> list[memoryview]:
     return [view[c.offset:c.offset + c.length] for c in fastcdc(view, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK)]
+
+
+def first_cut(view: bytes | memoryview) -> int:
+    """Where the first chunk of `view` ends: a file's cut when view holds MAX_CHUNK bytes from a
+    boundary, or all that is left of the file."""
+    return next(iter(fastcdc(view, MIN_CHUNK, AVG_CHUNK, MAX_CHUNK))).length
 
 
 def pieces(fd: int, size: int) -> Iterator[list[memoryview]]:
@@ -104,7 +114,7 @@ def walk(root: Path, exclude: frozenset[str]) -> Iterator[tuple[str, os.stat_res
             try:
                 info = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
             except FileNotFoundError:
-                continue  # gone since the folder was listed
+                raise StateChanged(f"{relative} vanished while the state was captured") from None
             if stat.S_ISLNK(info.st_mode):
                 raise UnsupportedFile(f"{relative} is a symbolic link; checkpoints hold only files and folders")
             if stat.S_ISDIR(info.st_mode):
@@ -116,7 +126,7 @@ def walk(root: Path, exclude: frozenset[str]) -> Iterator[tuple[str, os.stat_res
             try:
                 fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
             except FileNotFoundError:
-                continue
+                raise StateChanged(f"{relative} vanished while the state was captured") from None
             except OSError as exc:
                 raise UnsupportedFile(f"{relative} cannot be read: {exc.strerror}") from None
             opened = os.fstat(fd)

@@ -9,16 +9,17 @@ to a big state costs little. Restore checks every chunk's sha256 and length.
     jobs/<id>/chunks/<sha256[:2]>/<sha256>
     jobs/<id>/ckpt/<checkpoint id>/manifest.json
 
-Taking a checkpoint has two halves: snapshot() reads the state while the job is held (it chunks,
-hashes, and copies only new chunks to a staging folder of the checkpoint's own; files that are
-never changed in place, DMTCP's images, it only opens), commit() reads those (finish()), uploads
-the new chunks and then the manifest, after the job has been let go. Reading files is
-cbas.checkpoint.chunking's; the manifest and its seal are cbas.checkpoint.manifest's.
+Taking a checkpoint has two halves. snapshot() runs while the job is held and only captures its
+state locally, in copies the job cannot change (cbas.checkpoint.capture); commit() runs after the
+job goes on: it cuts, hashes, compresses and stores the chunks in parallel
+(cbas.checkpoint.pipeline), then writes the manifest. The captured bytes are kept after a commit:
+the next capture compares a changed file with them instead of copying and hashing all of it.
+Restoring is cbas.checkpoint.restore's; the manifest and its seal, cbas.checkpoint.manifest's.
 """
 
 from __future__ import annotations
 
-import hashlib
+import errno
 import json
 import os
 import shutil
@@ -26,66 +27,46 @@ import stat
 import threading
 import time
 from collections import Counter
-from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 from pydantic import ValidationError
 
 from cbas.backends import BlobNotFound, BlobStore
-from cbas.checkpoint.chunking import UnsupportedFile, decode, encode, excluded, pieces, walk
+from cbas.checkpoint.capture import FileStamp, Pack, Piece, Snapshot, capture_file, check_owner, stamp
+from cbas.checkpoint.chunking import StateChanged, UnsupportedFile, excluded, walk
 from cbas.checkpoint.manifest import (
-    CorruptCheckpoint, DirEntry, FileEntry, Manifest, inside, list_id, seal, unseal,
+    CorruptCheckpoint, DirEntry, FileEntry, Manifest, list_id, seal, unseal,
 )
+from cbas.checkpoint.pipeline import CommitCancelled, capture_deferred, cut_and_store
+from cbas.checkpoint.restore import fetch_chunk, restore_files
 from cbas.models import utcnow
 
-__all__ = ["ChunkStore", "CommitCancelled", "CorruptCheckpoint", "Manifest", "Snapshot", "UnsupportedFile",
-           "seal", "unseal"]
+__all__ = ["ChunkStore", "CommitCancelled", "CorruptCheckpoint", "Manifest", "Snapshot", "StateChanged",
+           "UnsupportedFile", "seal", "unseal"]
+
 
 class StateTooLarge(UnsupportedFile):
     pass
 
 
-class CommitCancelled(RuntimeError):
-    """A newer checkpoint (a spot notice's) took this one's place before it was uploaded."""
-
-
-@dataclass
-class Snapshot:
-    """A checkpoint taken but not yet committed: its file list and the new chunks, staged."""
-
-    files: list[FileEntry]
-    dirs: list[DirEntry]
-    chunk_sizes: dict[str, int]
-    staging: Path = Path(".")  # this checkpoint's own staging folder
-    staged: dict[str, Path] = field(default_factory=dict)  # new chunk id -> staged blob
-    # files opened but not read yet (see ChunkStore.finish): index in files, path, stat, descriptor
-    deferred: list[tuple[int, str, os.stat_result, int]] = field(default_factory=list)
-    pinned: set[str] = field(default_factory=set)  # chunks it uses: garbage collection leaves them
-
-    @property
-    def total_bytes(self) -> int:
-        return sum(f.size for f in self.files)
+class DiskFull(UnsupportedFile):
+    """The worker's disk filled up while the state was captured."""
 
 
 def _threads() -> int:
     return max(2, os.cpu_count() or 2)
 
 
-FileStamp = tuple[int, int, int, int]  # size, mtime_ns, ctime_ns, inode
-
-
-def _stamp(info: os.stat_result) -> FileStamp:
-    return (info.st_size, info.st_mtime_ns, info.st_ctime_ns, info.st_ino)
+Seen = tuple[FileStamp, FileEntry, list[Piece] | None]  # a file last time: stamp, entry, bytes kept
 
 
 class ChunkStore:
     """One job's checkpoints in a blob store. Transfers run in parallel, bounded by `workers`.
 
     Like restic or git, a file whose size, times and inode are what they were at the previous
-    snapshot (or restore) is not read again: its chunk list is reused. A file changed after that
-    snapshot began is always read ("racily clean" files are not trusted).
+    committed capture (or restore) is not read again: its chunk list is reused. A file changed
+    after that capture began is always read ("racily clean" files are not trusted).
     """
 
     def __init__(self, blobs: BlobStore, job_id: str, key: bytes, workers: int = 8) -> None:
@@ -96,13 +77,15 @@ class ChunkStore:
         self._key = key  # the job's checkpoint key (cbas.authority): the job itself never has it
         self.workers = workers
         self._known: set[str] | None = None
-        self._seen: dict[str, tuple[FileStamp, FileEntry]] = {}  # path -> stamp and entry last time
-        self._seen_since_ns = 0  # when the snapshot that filled _seen began
+        self._seen: dict[str, Seen] = {}  # path -> the newest committed capture's (or a restore's)
+        self._seen_since_ns = 0  # when the capture that filled _seen began
         self._sizes: dict[str, int] = {}  # chunk id -> raw length, for reused entries
         self._lock = threading.Lock()  # snapshots pin what they use; garbage collection respects pins
         self._pinned: Counter[str] = Counter()
         self._collecting = 0  # collections under way: pins are kept until they end
         self._unpin_later: list[set[str]] = []
+        self._captures = 0
+        self._kept: set[Path] = set()  # capture folders whose bytes _seen uses
 
     # --- keys ---------------------------------------------------------------------------------
     def chunk_key(self, chunk_id: str) -> str:
@@ -119,70 +102,76 @@ class ChunkStore:
 
     # --- taking a checkpoint ----------------------------------------------------------------------
     def snapshot(self, root: Path, staging: Path, exclude: frozenset[str] = frozenset(),
-                 immutable: frozenset[str] = frozenset(), size_limit: int | None = None) -> Snapshot:
-        """Read the state while the job is held: chunk and hash every file under root and stage
-        its new chunks, except files matching `immutable` (never changed in place once written),
-        which are only opened: finish() reads them through that descriptor after the job goes on.
-        Files are opened without following links from their folder's descriptor, and read, never
-        mapped (a file the job truncates meanwhile is a short read, not a SIGBUS). A state over
-        size_limit bytes (by the files' sizes) is refused before anything is read."""
-        staging.mkdir(parents=True, exist_ok=True)
-        known = self.known_chunks()
-        snapshot = Snapshot(files=[], dirs=[], chunk_sizes={}, staging=staging)
-        began_ns = time.time_ns()
-        seen: dict[str, tuple[FileStamp, FileEntry]] = {}
+                 immutable: frozenset[str] = frozenset(), size_limit: int | None = None,
+                 owner: int | None = None) -> Snapshot:
+        """Capture the state while the job is held (cbas.checkpoint.capture): files are opened
+        without following links from their folder's descriptor, read or copied, never mapped.
+        A state over size_limit bytes (by the files' sizes) is refused before anything is read;
+        with `owner`, a file that is not that uid's is refused."""
+        with self._lock:
+            self._captures += 1
+            folder = staging / f"capture-{self._captures:05d}"
+        folder.mkdir(parents=True, mode=0o700)
+        snapshot = Snapshot(files=[], dirs=[], chunk_sizes={}, staging=folder, began_ns=time.time_ns())
+        pack = Pack(folder / "pack")
         try:
-            self._snapshot_into(snapshot, root, exclude, immutable, known, seen, size_limit)
+            self._capture_into(snapshot, pack, root, exclude, immutable, size_limit, owner)
+        except OSError as exc:
+            self.release(snapshot)
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"the worker's disk is full: the state could not be captured ({exc.strerror})") from None
+            raise
         except BaseException:
             self.release(snapshot)
             raise
-        self._seen, self._seen_since_ns = seen, began_ns
-        self._sizes.update(snapshot.chunk_sizes)
+        finally:
+            pack.close()
         return snapshot
 
-    def _snapshot_into(self, snapshot: Snapshot, root: Path, exclude: frozenset[str], immutable: frozenset[str],
-                       known: set[str], seen: dict[str, tuple[FileStamp, FileEntry]], size_limit: int | None) -> None:
+    def _capture_into(self, snapshot: Snapshot, pack: Pack, root: Path, exclude: frozenset[str],
+                      immutable: frozenset[str], size_limit: int | None, owner: int | None) -> None:
         listed = 0
-        with ThreadPoolExecutor(max_workers=_threads()) as pool:
-            for relative, info, fd in walk(root, exclude):
-                if fd is None:
-                    snapshot.dirs.append(DirEntry(path=relative, mode=stat.S_IMODE(info.st_mode)))
-                    continue
+        known = self.known_chunks()
+        for relative, info, fd in walk(root, exclude):
+            if fd is None:
+                snapshot.dirs.append(DirEntry(path=relative, mode=stat.S_IMODE(info.st_mode)))
+                continue
+            try:
+                check_owner(relative, info, owner)
                 listed += info.st_size
                 if size_limit is not None and listed > size_limit:
-                    os.close(fd)
                     raise StateTooLarge(f"the state holds more than {size_limit} bytes (StateSizeLimit), "
                                         f"{relative} included")
-                try:
-                    with self._lock:  # its chunks must still be there when the manifest names them
-                        entry = self._unchanged(relative, info, known)
-                        if entry is not None:
-                            self._pin(snapshot, entry.chunks)
+                index = len(snapshot.files)
+                with self._lock:  # its chunks must still be there when the manifest names them
+                    entry = self._unchanged(relative, info, known)
                     if entry is not None:
-                        snapshot.chunk_sizes.update((c, self._sizes[c]) for c in entry.chunks)
-                    elif excluded(relative, immutable):
-                        snapshot.deferred.append((len(snapshot.files), relative, info, os.dup(fd)))
-                        entry = FileEntry(path=relative, mode=stat.S_IMODE(info.st_mode), size=0, chunks=[], sha256="")
-                    else:
-                        entry = self._read_file(relative, info, fd, pool, known, snapshot)
-                finally:
-                    os.close(fd)
-                snapshot.files.append(entry)
-                seen[relative] = (_stamp(info), entry)
+                        self._pin(snapshot, entry.chunks)
+                mode = stat.S_IMODE(info.st_mode)
+                if entry is not None:
+                    snapshot.chunk_sizes.update((c, self._sizes[c]) for c in entry.chunks)
+                    kept = self._seen[relative][2]
+                    if kept is not None:
+                        snapshot.pieces_kept[index] = kept
+                elif excluded(relative, immutable):
+                    snapshot.deferred.append((index, relative, info, os.dup(fd)))
+                    entry = FileEntry(path=relative, mode=mode, size=0, chunks=[], sha256="")
+                else:
+                    previous = self._seen.get(relative)
+                    snapshot.pieces[index] = capture_file(relative, info, fd, snapshot.staging / f"file-{index:06d}",
+                                                          pack, previous[2] if previous else None)
+                    for piece in snapshot.pieces[index]:
+                        if piece.chunk_id is not None and piece.source == pack.path:
+                            snapshot.staged[piece.chunk_id] = pack.path
+                    entry = FileEntry(path=relative, mode=mode, size=0, chunks=[], sha256="")
+            finally:
+                os.close(fd)
+            snapshot.files.append(entry)
+            snapshot.stamps[index] = stamp(info)
 
     def finish(self, snapshot: Snapshot) -> None:
-        """Read the files snapshot() only opened; the job may run meanwhile. Idempotent."""
-        known = self.known_chunks()
-        with ThreadPoolExecutor(max_workers=_threads()) as pool:
-            while snapshot.deferred:
-                index, relative, info, fd = snapshot.deferred.pop(0)
-                try:
-                    entry = self._read_file(relative, info, fd, pool, known, snapshot)
-                finally:
-                    os.close(fd)
-                snapshot.files[index] = entry
-                self._seen[relative] = (_stamp(info), entry)
-        self._sizes.update(snapshot.chunk_sizes)
+        """Capture the files snapshot() only opened; the job may run meanwhile. Idempotent."""
+        capture_deferred(snapshot, {path: seen[2] for path, seen in self._seen.items() if seen[2]})
 
     def _pin(self, snapshot: Snapshot, chunk_ids: Iterable[str]) -> None:
         for chunk_id in chunk_ids:
@@ -197,7 +186,8 @@ class ChunkStore:
                 del self._pinned[chunk_id]
 
     def release(self, snapshot: Snapshot) -> None:
-        """A snapshot committed or given up: its chunks may be collected, its staging goes."""
+        """A snapshot committed or given up: its chunks may be collected; its captured bytes go,
+        unless they are what the next capture compares with."""
         for _, _, _, fd in snapshot.deferred:
             os.close(fd)
         snapshot.deferred = []
@@ -207,11 +197,13 @@ class ChunkStore:
             else:
                 self._unpin(snapshot.pinned)
             snapshot.pinned = set()
-        shutil.rmtree(snapshot.staging, ignore_errors=True)
+            keep = snapshot.staging in self._kept
+        if not keep:
+            _remove(snapshot.staging)
 
     def _unchanged(self, relative: str, info: os.stat_result, known: set[str]) -> FileEntry | None:
         previous = self._seen.get(relative)
-        if previous is None or previous[0] != _stamp(info) or info.st_mtime_ns >= self._seen_since_ns:
+        if previous is None or previous[0] != stamp(info) or info.st_mtime_ns >= self._seen_since_ns:
             return None
         entry = previous[1]
         if entry.mode != stat.S_IMODE(info.st_mode) or not entry.sha256 \
@@ -219,73 +211,54 @@ class ChunkStore:
             return None
         return entry
 
+    def _keep(self, snapshot: Snapshot) -> None:
+        """A committed snapshot's files and bytes are what the next capture starts from."""
+        seen: dict[str, Seen] = {}
+        for index, entry in enumerate(snapshot.files):
+            kept = snapshot.pieces.get(index, snapshot.pieces_kept.get(index))
+            seen[entry.path] = (snapshot.stamps[index], entry, kept)
+        folders = {p.source.parent for _, _, kept in seen.values() for p in kept or ()}
+        with self._lock:
+            if snapshot.began_ns < self._seen_since_ns:
+                return  # a newer capture was committed first
+            self._seen, self._seen_since_ns = seen, snapshot.began_ns
+            dropped, self._kept = self._kept - folders, folders
+        for folder in dropped:
+            _remove(folder)
+
     def remember(self, root: Path, manifest: "Manifest") -> None:
         """After a restore: the files just written are known, so the next snapshot skips them."""
         self._sizes.update(manifest.chunk_sizes)
         self.known_chunks().update(manifest.chunk_sizes)
         began = time.time_ns()
-        self._seen = {}
-        for entry in manifest.files:
-            self._seen[entry.path] = (_stamp((root / entry.path).lstat()), entry)
+        self._seen = {entry.path: (stamp((root / entry.path).lstat()), entry, None) for entry in manifest.files}
         self._seen_since_ns = began
-
-    def _read_file(self, relative: str, info: os.stat_result, fd: int, pool: ThreadPoolExecutor, known: set[str],
-                   snapshot: Snapshot) -> FileEntry:
-        """Cut a file into chunks as it is read, block by block; each chunk is hashed, and staged if
-        new, in the pool, from the one copy that was read (what is stored is what was hashed)."""
-
-        def take(piece: memoryview) -> tuple[str, int]:
-            chunk_id = hashlib.sha256(piece).hexdigest()
-            with self._lock:  # against collect_garbage: a chunk found known stays until committed
-                new = chunk_id not in known and chunk_id not in snapshot.staged
-                if new:
-                    snapshot.staged[chunk_id] = snapshot.staging / chunk_id
-                self._pin(snapshot, (chunk_id,))
-            if new:
-                (snapshot.staging / chunk_id).write_bytes(encode(piece))
-            return chunk_id, len(piece)
-
-        results: list[Future[tuple[str, int]]] = []
-        in_flight: list[list[Future[tuple[str, int]]]] = []
-        for block in pieces(fd, info.st_size):
-            futures = [pool.submit(take, piece) for piece in block]
-            results += futures
-            in_flight.append(futures)
-            if len(in_flight) > 2:  # at most a few blocks in memory
-                for future in in_flight.pop(0):
-                    future.result()
-        ids, size = [], 0
-        for future in results:
-            chunk_id, length = future.result()
-            snapshot.chunk_sizes[chunk_id] = length
-            ids.append(chunk_id)
-            size += length
-        return FileEntry(path=relative, mode=stat.S_IMODE(info.st_mode), size=size, chunks=ids, sha256=list_id(ids))
 
     def commit(self, snapshot: Snapshot, checkpoint_id: str, strategy: str, stdout_bytes: int = 0,
                stderr_bytes: int = 0, cancelled: threading.Event | None = None) -> Manifest:
-        """Upload the new chunks, then the manifest: only then does the checkpoint exist. Setting
-        `cancelled` stops it between chunks (CommitCancelled); the caller releases the snapshot."""
-        self.finish(snapshot)
-        staged = list(snapshot.staged.items())
-
-        def upload(item: tuple[str, Path]) -> int:
-            if cancelled is not None and cancelled.is_set():
-                raise CommitCancelled(f"checkpoint {checkpoint_id} was superseded before it was uploaded")
-            chunk_id, path = item
-            size = path.stat().st_size
-            self.blobs.put_file(self.chunk_key(chunk_id), path)
-            return size
-
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            new_bytes = sum(pool.map(upload, staged))
+        """Cut and store the captured files' new chunks, then the manifest: only then does the
+        checkpoint exist. Setting `cancelled` stops it between chunks (CommitCancelled); the
+        caller releases the snapshot."""
+        try:
+            self.finish(snapshot)
+        except OSError as exc:
+            if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise DiskFull(f"the worker's disk is full: the state could not be captured ({exc.strerror})") from None
+            raise
+        stored = cut_and_store(self, snapshot, cancelled, cutters=_threads(), workers=self.workers)
         manifest = Manifest(
             job_id=self.job_id, checkpoint_id=checkpoint_id, strategy=strategy, created_at=utcnow().isoformat(),
             files=snapshot.files, dirs=snapshot.dirs, chunk_sizes=snapshot.chunk_sizes,
-            total_bytes=snapshot.total_bytes, new_bytes=new_bytes, stdout_bytes=stdout_bytes, stderr_bytes=stderr_bytes,
+            total_bytes=snapshot.total_bytes, new_bytes=stored.new_bytes, stdout_bytes=stdout_bytes,
+            stderr_bytes=stderr_bytes,
         )
+        if cancelled is not None and cancelled.is_set():
+            raise CommitCancelled(f"checkpoint {checkpoint_id} was superseded before it was uploaded")
         self.blobs.put_bytes(self.manifest_key(checkpoint_id), seal(manifest.model_dump_json().encode(), self._key))
-        self.known_chunks().update(snapshot.staged)
+        with self._lock:
+            self.known_chunks().update(stored.chunk_ids)
+            self._sizes.update(snapshot.chunk_sizes)
+        self._keep(snapshot)
         return manifest
 
     def save(self, root: Path, checkpoint_id: str, strategy: str, staging: Path) -> Manifest:
@@ -317,35 +290,12 @@ class ChunkStore:
     def restore(self, checkpoint_id: str, target: Path) -> Manifest:
         """Write the checkpoint's files into target, verifying every chunk on the way."""
         manifest = self.manifest(checkpoint_id)
-        target.mkdir(parents=True, exist_ok=True)
-        for entry in manifest.dirs:
-            directory = inside(target, entry.path)
-            directory.mkdir(parents=True, exist_ok=True)
-        with ThreadPoolExecutor(max_workers=self.workers) as pool:
-            for entry in manifest.files:
-                self._restore_file(entry, manifest, inside(target, entry.path), pool)
-        for entry in manifest.dirs:
-            inside(target, entry.path).chmod((entry.mode | 0o700) & 0o777)
+        restore_files(self.blobs, self.chunk_key, manifest, target, self.workers)
         self.remember(target, manifest)
         return manifest
 
     def _fetch_chunk(self, chunk_id: str, expected: int) -> bytes:
-        try:
-            data = decode(self.blobs.get_bytes(self.chunk_key(chunk_id)), chunk_id)
-        except BlobNotFound:
-            raise CorruptCheckpoint(f"chunk {chunk_id[:12]} is missing") from None
-        if len(data) != expected or hashlib.sha256(data).hexdigest() != chunk_id:
-            raise CorruptCheckpoint(f"chunk {chunk_id[:12]} does not match its sha256")
-        return data
-
-    def _restore_file(self, entry: FileEntry, manifest: Manifest, path: Path, pool: ThreadPoolExecutor) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        sizes = manifest.chunk_sizes
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-        with os.fdopen(fd, "wb") as out:
-            for data in pool.map(lambda c: self._fetch_chunk(c, sizes[c]), entry.chunks):
-                out.write(data)
-            os.fchmod(out.fileno(), entry.mode & 0o777)  # never setuid, setgid or sticky
+        return fetch_chunk(self.blobs, self.chunk_key(chunk_id), chunk_id, expected)
 
     def forget(self, checkpoint_id: str) -> None:
         """A checkpoint that must never be restored (it failed validation): its manifest goes."""
@@ -396,3 +346,11 @@ class ChunkStore:
                 self.blobs.delete(key)
             removed += 1
         return dropped, removed
+
+
+def _remove(folder: Path) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    try:
+        folder.parent.rmdir()  # the checkpoint's staging folder, once its last capture is gone
+    except OSError:
+        pass

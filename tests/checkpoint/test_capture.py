@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from cbas.checkpoint.store import UnsupportedFile
+from cbas.checkpoint.store import StateChanged, UnsupportedFile
 from tests.checkpoint.test_store import store_at
 
 IMAGE = frozenset({".dmtcp/ckpt_*.dmtcp"})
@@ -31,8 +31,9 @@ def test_an_immutable_file_is_read_after_the_hold_as_it_was_then(tmp_path: Path)
     assert (out / ".dmtcp" / "ckpt_a.dmtcp").read_bytes() == b"generation 1" * 100_000
 
 
-def test_a_file_truncated_while_it_is_read_gives_what_was_read_not_a_crash(tmp_path: Path) -> None:
-    # read through mmap, this killed the whole worker with SIGBUS
+def test_a_file_truncated_while_it_is_read_fails_the_checkpoint_not_the_worker(tmp_path: Path) -> None:
+    # read through mmap, this killed the whole worker with SIGBUS; what was read of a torn image
+    # is no checkpoint either (issue 13: a file that changes while captured fails it cleanly)
     state = tmp_path / "state"
     (state / ".dmtcp").mkdir(parents=True)
     image = state / ".dmtcp" / "ckpt_a.dmtcp"
@@ -40,12 +41,10 @@ def test_a_file_truncated_while_it_is_read_gives_what_was_read_not_a_crash(tmp_p
     store = store_at(tmp_path)
     snapshot = store.snapshot(state, tmp_path / "staging", immutable=IMAGE)
     os.truncate(image, 3 << 20)  # in place: the open descriptor sees it
-    manifest = store.commit(snapshot, "c1", "dmtcp")
+    with pytest.raises(StateChanged, match="changed while it was captured"):
+        store.commit(snapshot, "c1", "dmtcp")
     store.release(snapshot)
-    assert manifest.files[0].size == 3 << 20
-    out = tmp_path / "out"
-    store_at(tmp_path).restore("c1", out)
-    assert (out / ".dmtcp" / "ckpt_a.dmtcp").read_bytes() == image.read_bytes()
+    assert store_at(tmp_path).checkpoint_ids() == []  # nothing half-written counts
 
 
 def test_excluded_paths_are_left_out_links_included(tmp_path: Path) -> None:
