@@ -19,8 +19,10 @@ import hmac
 import json
 import os
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import structlog
@@ -64,6 +66,8 @@ class LocalMessageBus:
                  retry_seconds: float = 20.0) -> None:
         self._key = load_or_create_secret(home / "bus.key")
         self._conn = connect(db_path)
+        # the endpoints table is SQLite: a query waits out another process's lock on its own thread
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bus-endpoints")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
         self.delivery_retries = delivery_retries  # 0: an unreachable recipient is the sender's DeliveryError
@@ -120,22 +124,26 @@ class LocalMessageBus:
             raise InvalidMessage("MessageId does not match the envelope id")
         return message
 
+    async def _query(self, sql: str, params: tuple[str, ...] = ()) -> list[Any]:
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, lambda: self._conn.execute(sql, params).fetchall())
+
     async def subscribe(self, recipient: str, url: str) -> None:
-        self._conn.execute("INSERT OR REPLACE INTO endpoints (recipient, url) VALUES (?, ?)", (recipient, url))
+        await self._query("INSERT OR REPLACE INTO endpoints (recipient, url) VALUES (?, ?)", (recipient, url))
 
     async def unsubscribe(self, recipient: str) -> None:
-        self._conn.execute("DELETE FROM endpoints WHERE recipient = ?", (recipient,))
+        await self._query("DELETE FROM endpoints WHERE recipient = ?", (recipient,))
 
     async def unsubscribe_stale(self, keep: set[str]) -> list[str]:
-        rows = self._conn.execute("SELECT recipient FROM endpoints WHERE recipient LIKE 'worker/%'").fetchall()
+        rows = await self._query("SELECT recipient FROM endpoints WHERE recipient LIKE 'worker/%'")
         stale = [row[0] for row in rows if row[0] not in keep]
         for recipient in stale:
             await self.unsubscribe(recipient)
         return stale
 
-    def endpoint(self, recipient: str) -> str | None:
-        row = self._conn.execute("SELECT url FROM endpoints WHERE recipient = ?", (recipient,)).fetchone()
-        return row[0] if row else None
+    async def endpoint(self, recipient: str) -> str | None:
+        rows = await self._query("SELECT url FROM endpoints WHERE recipient = ?", (recipient,))
+        return rows[0][0] if rows else None
 
     async def send(self, message: Envelope) -> None:
         try:
@@ -163,7 +171,7 @@ class LocalMessageBus:
                     retries=self.delivery_retries, error=error)
 
     async def _post(self, message: Envelope) -> None:
-        url = self.endpoint(message.recipient)
+        url = await self.endpoint(message.recipient)
         if url is None:
             raise DeliveryError(f"no endpoint subscribed for {message.recipient}")
         if self._session is None or self._session.closed:
@@ -183,4 +191,5 @@ class LocalMessageBus:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        self._conn.close()
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._conn.close)
+        self._thread.shutdown(wait=False)

@@ -1,11 +1,17 @@
-"""JobStore on SQLite (WAL). Records are JSON; state and version are columns for queries."""
+"""JobStore on SQLite (WAL). Records are JSON; state and version are columns for queries.
+
+Every query runs on the store's own thread: a write waits for another process's lock (`cbas
+status`, a backup) for up to its busy timeout, and that wait must never be the event loop's."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Callable, TypeVar
 from pathlib import Path
 
 import structlog
@@ -15,6 +21,7 @@ from cbas.models import CheckpointRecord, Job, JobEvent, LedgerEntry, LedgerStat
 from cbas.state import JobState
 
 log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, state TEXT NOT NULL, version INTEGER NOT NULL, data TEXT NOT NULL);
@@ -54,39 +61,45 @@ class SqliteJobStore:
         self._lock = threading.Lock()
         self._closed = False
         self._pruned_at = 0.0
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")  # one writer: no lock waits here
 
     def _execute(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
         with self._lock:
             return self._conn.execute(sql, params)
 
+    async def _off_loop(self, call: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
+
+    async def _query(self, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
+        return await self._off_loop(lambda: self._execute(sql, params).fetchall())
+
+    async def _change(self, sql: str, params: tuple[object, ...] = ()) -> int:
+        """Rows changed."""
+        return await self._off_loop(lambda: self._execute(sql, params).rowcount)
+
     async def create_job(self, job: Job) -> Job:
         try:
-            self._execute(
-                "INSERT INTO jobs (id, state, version, data) VALUES (?, ?, ?, ?)",
-                (job.id, job.state.value, job.version, job.model_dump_json()),
-            )
+            await self._change("INSERT INTO jobs (id, state, version, data) VALUES (?, ?, ?, ?)",
+                               (job.id, job.state.value, job.version, job.model_dump_json()))
         except sqlite3.IntegrityError:
             raise StaleWrite(f"job {job.id} exists already") from None
         return job
 
     async def get_job(self, job_id: str) -> Job:
-        row = self._execute("SELECT data FROM jobs WHERE id = ?", (job_id,)).fetchone()
-        if row is None:
+        rows = await self._query("SELECT data FROM jobs WHERE id = ?", (job_id,))
+        if not rows:
             raise NotFound(f"job {job_id}")
-        return Job.model_validate_json(row[0])
+        return Job.model_validate_json(rows[0][0])
 
     async def list_jobs(self, states: set[JobState] | None = None) -> list[Job]:
-        rows = self._execute("SELECT data FROM jobs ORDER BY rowid").fetchall()
-        jobs = [Job.model_validate_json(row[0]) for row in rows]
+        jobs = [Job.model_validate_json(row[0]) for row in await self._query("SELECT data FROM jobs ORDER BY rowid")]
         return [job for job in jobs if states is None or job.state in states]
 
     async def update_job(self, job: Job) -> Job:
         new = job.model_copy(update={"version": job.version + 1, "updated_at": utcnow()})
-        cursor = self._execute(
-            "UPDATE jobs SET state = ?, version = ?, data = ? WHERE id = ? AND version = ?",
-            (new.state.value, new.version, new.model_dump_json(), job.id, job.version),
-        )
-        if cursor.rowcount != 1:
+        changed = await self._change("UPDATE jobs SET state = ?, version = ?, data = ? WHERE id = ? AND version = ?",
+                                     (new.state.value, new.version, new.model_dump_json(), job.id, job.version))
+        if changed != 1:
             raise StaleWrite(f"job {job.id} changed since version {job.version}")
         return new
 
@@ -97,18 +110,14 @@ class SqliteJobStore:
         new = entry.model_copy(update={"version": entry.version + 1})
         if entry.version == 0:
             try:
-                self._execute(
-                    "INSERT INTO ledger (id, state, version, data) VALUES (?, ?, ?, ?)",
-                    (new.id, new.state.value, new.version, new.model_dump_json()),
-                )
+                await self._change("INSERT INTO ledger (id, state, version, data) VALUES (?, ?, ?, ?)",
+                                   (new.id, new.state.value, new.version, new.model_dump_json()))
             except sqlite3.IntegrityError:
                 raise StaleWrite(f"ledger entry {entry.id} exists already") from None
             return new
-        cursor = self._execute(
-            "UPDATE ledger SET state = ?, version = ?, data = ? WHERE id = ? AND version = ?",
-            (new.state.value, new.version, new.model_dump_json(), entry.id, entry.version),
-        )
-        if cursor.rowcount != 1:
+        changed = await self._change("UPDATE ledger SET state = ?, version = ?, data = ? WHERE id = ? AND version = ?",
+                                     (new.state.value, new.version, new.model_dump_json(), entry.id, entry.version))
+        if changed != 1:
             raise StaleWrite(f"ledger entry {entry.id} changed since version {entry.version}")
         return new
 
@@ -118,37 +127,35 @@ class SqliteJobStore:
         if live_only:
             sql += " WHERE state != ?"
             params = (LedgerState.TERMINATED.value,)
-        return [LedgerEntry.model_validate_json(row[0]) for row in self._execute(sql + " ORDER BY rowid", params)]
+        return [LedgerEntry.model_validate_json(row[0]) for row in await self._query(sql + " ORDER BY rowid", params)]
 
     async def add_checkpoint(self, record: CheckpointRecord) -> bool:
-        cursor = self._execute(
-            "INSERT OR IGNORE INTO checkpoints (job_id, id, data) VALUES (?, ?, ?)",
-            (record.job_id, record.id, record.model_dump_json()),
-        )
-        return cursor.rowcount == 1
+        changed = await self._change("INSERT OR IGNORE INTO checkpoints (job_id, id, data) VALUES (?, ?, ?)",
+                                     (record.job_id, record.id, record.model_dump_json()))
+        return changed == 1
 
     async def list_checkpoints(self, job_id: str) -> list[CheckpointRecord]:
-        rows = self._execute("SELECT data FROM checkpoints WHERE job_id = ? ORDER BY id", (job_id,)).fetchall()
+        rows = await self._query("SELECT data FROM checkpoints WHERE job_id = ? ORDER BY id", (job_id,))
         return [CheckpointRecord.model_validate_json(row[0]) for row in rows]
 
     async def mark_checkpoint_bad(self, job_id: str, checkpoint_id: str) -> None:
         for record in await self.list_checkpoints(job_id):
             if record.id == checkpoint_id:
                 bad = record.model_copy(update={"bad": True})
-                self._execute(
-                    "UPDATE checkpoints SET data = ? WHERE job_id = ? AND id = ?",
-                    (bad.model_dump_json(), job_id, checkpoint_id),
-                )
+                await self._change("UPDATE checkpoints SET data = ? WHERE job_id = ? AND id = ?",
+                                   (bad.model_dump_json(), job_id, checkpoint_id))
 
     async def add_event(self, event: JobEvent) -> None:
-        self._execute("INSERT INTO events (job_id, data) VALUES (?, ?)", (event.job_id, event.model_dump_json()))
+        await self._change("INSERT INTO events (job_id, data) VALUES (?, ?)", (event.job_id, event.model_dump_json()))
 
     async def list_events(self, job_id: str) -> list[JobEvent]:
-        rows = self._execute("SELECT data FROM events WHERE job_id = ? ORDER BY seq", (job_id,)).fetchall()
+        rows = await self._query("SELECT data FROM events WHERE job_id = ? ORDER BY seq", (job_id,))
         return [JobEvent.model_validate_json(row[0]) for row in rows]
 
     async def first_sighting(self, message_id: str, window_seconds: float) -> bool:
-        now = time.time()
+        return await self._off_loop(self._first_sighting, message_id, window_seconds, time.time())
+
+    def _first_sighting(self, message_id: str, window_seconds: float, now: float) -> bool:
         with self._lock:
             if now - self._pruned_at > SEEN_PRUNE_SECONDS:  # not on every message: it is the hot path
                 self._conn.execute("DELETE FROM seen_messages WHERE seen_at < ?", (now - window_seconds,))
@@ -164,11 +171,15 @@ class SqliteJobStore:
             return cursor.rowcount == 1
 
     async def seen(self, message_id: str, window_seconds: float) -> bool:
-        row = self._execute("SELECT seen_at FROM seen_messages WHERE id = ?", (message_id,)).fetchone()
-        return row is not None and row[0] >= time.time() - window_seconds
+        rows = await self._query("SELECT seen_at FROM seen_messages WHERE id = ?", (message_id,))
+        return bool(rows) and rows[0][0] >= time.time() - window_seconds
 
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            with self._lock:
-                self._conn.close()
+            await self._off_loop(self._close)
+            self._thread.shutdown(wait=False)
+
+    def _close(self) -> None:
+        with self._lock:
+            self._conn.close()

@@ -79,14 +79,14 @@ async def test_sending_to_nobody_is_a_delivery_error_without_retries(bus: LocalM
     with pytest.raises(DeliveryError, match="cannot reach master"):
         await bus.send(_message())
     await bus.unsubscribe("master")
-    assert bus.endpoint("master") is None
+    assert await bus.endpoint("master") is None
 
 
 async def test_stale_worker_endpoints_are_dropped(bus: LocalMessageBus) -> None:
     for recipient in ("master", "worker/i-alive", "worker/i-gone"):
         await bus.subscribe(recipient, f"http://127.0.0.1:9/{recipient}")
     assert await bus.unsubscribe_stale({"worker/i-alive"}) == ["worker/i-gone"]
-    assert bus.endpoint("master") and bus.endpoint("worker/i-alive") and bus.endpoint("worker/i-gone") is None
+    assert await bus.endpoint("master") and await bus.endpoint("worker/i-alive") and await bus.endpoint("worker/i-gone") is None
 
 
 class _Recipient:

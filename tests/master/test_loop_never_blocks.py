@@ -66,3 +66,34 @@ async def test_a_blob_store_that_retries_never_holds_the_masters_loop(
         loop.set_debug(False)
         await backends.bus.close()
         await backends.store.close()
+
+
+async def test_a_database_locked_by_another_process_never_holds_the_masters_loop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """`cbas status` or a backup holding SQLite's write lock makes a write wait (up to its busy
+    timeout): the wait is the store's thread's, never the loop's."""
+    import sqlite3
+
+    from cbas.local.store import SqliteJobStore
+    from cbas.models import Job, JobEvent
+
+    store = SqliteJobStore(tmp_path / "cbas.db")
+    await store.create_job(Job(id="j1"))
+    other = sqlite3.connect(tmp_path / "cbas.db", isolation_level=None)
+    loop = asyncio.get_running_loop()
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process's write transaction
+        loop.set_debug(True)
+        loop.slow_callback_duration = SLOW
+        with caplog.at_level(logging.WARNING, logger="asyncio"):
+            write = asyncio.ensure_future(store.add_event(JobEvent(job_id="j1", kind="note")))
+            loop.call_later(2 * SLOW, other.execute, "COMMIT")  # runs only if the loop is free
+            await asyncio.wait_for(write, timeout=30)
+        slow = [r.getMessage() for r in caplog.records if r.name == "asyncio" and "took" in r.getMessage()]
+        assert not slow, f"the master's loop was held: {slow}"
+        assert [e.kind for e in await store.list_events("j1")] == ["note"]
+    finally:
+        loop.set_debug(False)
+        other.close()
+        await store.close()
