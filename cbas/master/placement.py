@@ -1,0 +1,139 @@
+"""Where jobs run: the scheduling pass places queued jobs on machines and reviews running ones,
+which it may ask for a checkpoint ahead of time or move (checkpoint, stop, place again).
+The policy itself is the SchedulerAdapter's (docs/scheduling.md); this is what carries it out.
+
+A part of the Master (cbas.master.service), built on its transitions.
+"""
+
+from __future__ import annotations
+
+import time
+
+import structlog
+
+from cbas import jdl
+from cbas.backends import CapacityError
+from cbas.master.transitions import Transitions
+from cbas.master.views import describe, where
+from cbas.messages import MASTER, CheckpointNow, MessageType, StopJob, envelope, worker_address
+from cbas.models import DiskSpec, Job, JobEvent, LedgerEntry, Offer, utcnow
+from cbas.state import JobState
+
+log = structlog.get_logger(__name__)
+
+
+def allowed_types(requested: list[str], default: str, offered: list[str]) -> list[str]:
+    """The job's instance types that exist; without a request, the default type or any type."""
+    if requested:
+        return [kind for kind in requested if kind in offered]
+    return [default] if default in offered else offered
+
+
+class Placement(Transitions):
+    """The Master's scheduling pass."""
+
+    def _init_placement(self) -> None:
+        # coordination state, in memory only (a restart forgets it)
+        self.moving: dict[str, tuple[str, float]] = {}  # job id -> why it moves, and by when (ended by worker_events.py or restarts.py)
+        self._waiting: dict[str, str] = {}  # job id -> the last wait reason recorded
+        self._checkpoint_requested: dict[str, float] = {}  # job id -> when we last asked
+        # the market as the last scheduling pass saw it (the API and the job views show it)
+        self.offers: list[Offer] = []
+        self.ondemand_prices: dict[str, float] = {}
+
+    async def schedule(self) -> None:
+        """One pass over queued and running jobs together, least slack first."""
+        offers = await self.cloud.offers()
+        self.offers = offers
+        self.ondemand_prices.update({o.instance_type: o.ondemand_price for o in offers})
+        self.adapter.observe(offers)  # every pass: the market's history informs later choices
+        jobs = await self.store.list_jobs({JobState.QUEUED, JobState.RUNNING})
+        if not jobs:
+            return
+        offered = sorted({offer.instance_type for offer in offers})
+        live = {entry.job_id: entry for entry in await self.store.list_ledger(live_only=True)}
+        described = [(job, describe(job.jdl)) for job in jobs]
+        described.sort(key=lambda pair: self.adapter.slack_hours(*pair))
+        for job, description in described:
+            types = allowed_types(list(description.instance_types), self.settings.default_instance_type, offered)
+            if job.state == JobState.QUEUED:
+                await self._place(job, description, types, offered, live)
+            elif job.id in live and job.id not in self.moving and types:
+                decision = self.adapter.review(job, description, types, live[job.id])
+                if decision.action == "move":
+                    await self.move(job, decision.reason)
+                elif decision.action == "checkpoint":
+                    await self.request_checkpoint(job, decision.reason)
+
+    async def _place(self, job: Job, description: jdl.JobDescription, types: list[str], offered: list[str],
+                     live: dict[str, LedgerEntry]) -> None:
+        if job.id in live:
+            return  # a launch for it is already under way
+        if not types:
+            await self.transition(
+                job.id, JobState.FAILED, event="failed",
+                detail=f"no market offers {', '.join(description.instance_types)} (offered: {', '.join(offered)})",
+                update=lambda _: {"error": f"InstanceTypes {list(description.instance_types)} are not offered; "
+                                           f"offered types: {', '.join(offered)}"},
+            )
+            return
+        if not await self.images.ready(job, description):
+            return
+        decision = self.adapter.place(job, description, types)
+        if decision.action == "wait" or decision.placement is None:
+            if self._waiting.get(job.id) != decision.reason:  # an event when the reason changes, not every pass
+                self._waiting[job.id] = decision.reason
+                await self.store.add_event(JobEvent(job_id=job.id, kind="waiting", detail=decision.reason))
+            return
+        self._waiting.pop(job.id, None)
+        try:
+            entry = await self.resources.launch(job.id, decision.placement, description.max_price,
+                                                await self._disk_for(job, description))
+        except CapacityError as exc:
+            log.info("launch.no_capacity", job_id=job.id, error=str(exc))
+            return
+        assert entry.instance_id is not None
+        self.workers.launched(entry.instance_id)
+        placed = await self.transition(
+            job.id, JobState.PROVISIONING, event="provisioning", detail=f"{where(entry)}: {decision.reason}",
+            update=lambda j: {"instance_id": entry.instance_id, "provisioned_at": utcnow(),
+                              "predicted_cost": j.predicted_cost if j.predicted_cost is not None else decision.predicted_cost},
+        )
+        if placed is None:
+            current = await self.store.get_job(job.id)
+            if current.instance_id != entry.instance_id:  # cancelled meanwhile
+                await self._release(job.id, entry.instance_id, reason="job no longer queued")
+            # else: its worker announced itself first and placed the job already
+
+    async def _disk_for(self, job: Job, description: jdl.JobDescription) -> DiskSpec:
+        disk = DiskSpec(image_id=job.image_id)
+        if description.checkpoints_on_volume():
+            snapshots = [c.snapshot_id for c in await self.store.list_checkpoints(job.id) if c.snapshot_id and not c.bad]
+            disk.data_volume_gib = description.volume_size
+            disk.data_snapshot = snapshots[-1] if snapshots else None
+        return disk
+
+    async def _image_failed(self, job_id: str, error: str) -> None:
+        """JobImages' callback: a job whose prologue image cannot be built cannot be placed."""
+        await self.transition(job_id, JobState.FAILED, event="failed", detail=f"image build failed: {error}",
+                              update=lambda _: {"error": f"BuildImage: {error}"})
+
+    async def request_checkpoint(self, job: Job, reason: str) -> None:
+        """Ask for a checkpoint ahead of schedule; at most one request per checkpoint's duration."""
+        last = self._checkpoint_requested.get(job.id, 0.0)
+        if not job.instance_id or time.time() - last < 2 * (job.checkpoint_seconds or 0.0) + self.settings.schedule_interval:
+            return
+        self._checkpoint_requested[job.id] = time.time()
+        await self.store.add_event(JobEvent(job_id=job.id, kind="checkpoint-requested", detail=reason))
+        await self.send_quietly(envelope(MessageType.CHECKPOINT_NOW, CheckpointNow(job_id=job.id, reason=reason),
+                                          MASTER, worker_address(job.instance_id)))
+
+    async def move(self, job: Job, reason: str) -> None:
+        """Checkpoint the job and stop it, to run it again where the policy now wants it. The final
+        checkpoint ends the attempt (checkpoint_done); without one by the deadline, check_workers does."""
+        if not job.instance_id:
+            return
+        self.moving[job.id] = (reason, time.time() + self.settings.migrate_timeout)
+        await self.store.add_event(JobEvent(job_id=job.id, kind="moving", detail=reason))
+        await self.send_quietly(envelope(MessageType.STOP_JOB, StopJob(job_id=job.id, reason=reason, checkpoint=True),
+                                          MASTER, worker_address(job.instance_id)))
