@@ -130,7 +130,8 @@ def capture_file(relative: str, info: os.stat_result, fd: int, target: Path, pac
     while the job is `held` must keep its ctime too; one read after (an immutable file, which
     the job may unlink or rename meanwhile, and that moves its ctime) its size and mtime."""
     size = info.st_size
-    if previous and all(p.chunk_id is not None for p in previous):
+    if previous and all(p.chunk_id is not None for p in previous) \
+            and all(source.is_file() for source in {p.source for p in previous}):
         pieces = _compared(fd, size, target, pack, previous)
     else:
         pieces = [Piece(None, _clone_or_copy(fd, target, size, 0), target, 0)] if size else []

@@ -1,11 +1,14 @@
 """Taking one job's checkpoints: hold the job only to capture, upload after, report, collect.
 
     capture   the job held (DMTCP's hook, the cgroup freezer or SIGSTOP, the signal strategy's
-              .done): changed files are read and their new chunks staged; DMTCP's images, which
-              are never changed in place, are only opened. One capture at a time.
-    upload    the job runs again: the opened images are read, new chunks and then the manifest
-              are uploaded (or the data disk's snapshot is awaited), the checkpoint may be
-              validated, and it is reported; only then does it count.
+              .done): changed files are copied (or cloned, or compared with the last capture)
+              into the worker's own folder; DMTCP's images, which are never changed in place,
+              are only opened (cbas.checkpoint.capture). One capture at a time.
+    upload    the job runs again: the opened images are copied, everything captured is cut,
+              hashed, compressed and stored, then the manifest (or the data disk's snapshot is
+              awaited), the checkpoint may be validated, and it is reported; only then does it
+              count. Its event says how long the job was held (pause) and how long until it was
+              durable (from the capture's start), a notice checkpoint's as any other's.
 
 A spot notice never queues behind an interval checkpoint: it waits at most for a capture under
 way (the job is held then anyway), takes its own, and the upload of any older checkpoint gives
@@ -50,6 +53,7 @@ class Captured:
     stderr: int
     pause: float
     cancelled: threading.Event
+    began: float  # monotonic: when the capture began (its durable time counts from here)
 
 
 class Checkpoints:
@@ -133,14 +137,15 @@ class Checkpoints:
                     else:
                         snapshot = await asyncio.to_thread(
                             self.store.snapshot, self.checkpointer.state_dir(ctx), self.layout.staging / checkpoint_id,
-                            self.checkpointer.exclude, self.checkpointer.immutable, self.state_limit)
+                            self.checkpointer.exclude, self.checkpointer.immutable, self.state_limit,
+                            ctx.user[0] if ctx.user is not None else None)
             except Exception as exc:  # the strategy, the files or the disk: this one does not count
                 self._failed(checkpoint_id, reason, str(exc) if isinstance(exc, CheckpointFailed)
                              else f"{type(exc).__name__}: {exc}")
                 await asyncio.to_thread(shutil.rmtree, self.layout.staging / checkpoint_id, True)
                 return None
             return Captured(checkpoint_id, reason, final, deadline, snapshot, stdout, stderr,
-                            time.monotonic() - started, threading.Event())
+                            time.monotonic() - started, threading.Event(), started)
 
     def _snapshot_volume(self, checkpoint_id: str) -> str:
         assert self.volumes is not None
@@ -178,9 +183,11 @@ class Checkpoints:
             self._failed(checkpoint_id, captured.reason, str(exc) or type(exc).__name__)
             return False
         upload = time.monotonic() - started
+        durable = time.monotonic() - captured.began
         margin = None if captured.deadline is None else captured.deadline - time.time()
         self.log.info("checkpoint.uploaded", checkpoint=checkpoint_id, reason=captured.reason, bytes=size_bytes,
                       new_bytes=new_bytes, pause=round(captured.pause, 3), upload=round(upload, 3),
+                      durable=round(durable, 3),
                       deadline_margin=None if margin is None else round(margin, 3))
         if margin is not None and margin < 0:
             self.log.error("checkpoint.missed_notice_deadline", checkpoint=checkpoint_id, late_by=round(-margin, 3))

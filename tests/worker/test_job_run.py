@@ -218,14 +218,12 @@ async def test_validated_checkpoints_count_only_when_a_test_restore_works(harnes
     task = asyncio.create_task(run.run())
     await wait_for_line(run.layout.stdout, "progress 10/1000")
     assert await run.checkpoint("interval")
-    store_put = harness.blobs.put_file
+    store_put = harness.blobs.put_bytes
 
-    def corrupting_put(key, path, progress=None):  # a storage fault that keeps the upload "successful"
-        store_put(key, path, progress)
-        if "/chunks/" in key:
-            harness.blobs.put_bytes(key, b"R" + b"garbage")
+    def corrupting_put(key, data):  # a storage fault that keeps the upload "successful"
+        store_put(key, b"R" + b"garbage" if "/chunks/" in key else data)
 
-    monkeypatch.setattr(harness.blobs, "put_file", corrupting_put)
+    monkeypatch.setattr(harness.blobs, "put_bytes", corrupting_put)
     await wait_for_line(run.layout.stdout, "progress 20/1000")
     assert not await run.checkpoint("interval")  # uploaded, but it does not restore: it does not count
     assert len(harness.of_type(MessageType.CHECKPOINT_DONE)) == 1

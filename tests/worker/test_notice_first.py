@@ -36,11 +36,18 @@ class HeldChunks:
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def put_file(self, key: str, path: Path, progress: Any = None) -> None:
+    def _hold(self, key: str) -> None:
         if "/chunks/" in key and not self.open.is_set():
             self.waiting.set()
             self.open.wait(30)
+
+    def put_file(self, key: str, path: Path, progress: Any = None) -> None:
+        self._hold(key)
         self.inner.put_file(key, path, progress)
+
+    def put_bytes(self, key: str, data: bytes) -> None:  # chunks go up from memory, after the capture
+        self._hold(key)
+        self.inner.put_bytes(key, data)
 
 
 @pytest.fixture

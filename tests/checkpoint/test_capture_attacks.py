@@ -1,0 +1,219 @@
+"""The capture boundary against a hostile job: what the root worker copies while the job is held,
+and what the job can still do to it once it runs again."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+from contextlib import asynccontextmanager, contextmanager
+from pathlib import Path
+from typing import AsyncIterator, Iterator
+
+import pytest
+
+from cbas.checkpoint import capture
+from cbas.checkpoint.base import JobContext
+from cbas.checkpoint.store import StateChanged, UnsupportedFile
+from cbas.messages import MessageType
+from cbas.worker.checkpoints import Checkpoints
+from cbas.worker.job_files import JobLayout
+from tests.checkpoint.test_store import store_at
+
+JOB_UID = 4242
+SECRET = b"root-only secret " * 64
+IMAGE = frozenset({".dmtcp/ckpt_*.dmtcp"})
+
+
+def everything_stored(tmp: Path) -> bytes:
+    """Every byte the worker wrote for the checkpoints: blobs and its own capture folders."""
+    return b"".join(p.read_bytes() for p in sorted(tmp.rglob("*")) if p.is_file() and "state" not in p.parts
+                    and p.name != "secret")
+
+
+def secret_file(tmp: Path) -> Path:
+    secret = tmp / "secret"
+    secret.write_bytes(SECRET)
+    secret.chmod(0o600)  # root's, and only root's
+    return secret
+
+
+class HeldStill:
+    """A strategy whose hold is a no-op (the job is a fake); the state folder is given."""
+
+    name = "directory"
+    exclude: frozenset[str] = frozenset()
+    immutable: frozenset[str] = frozenset()
+
+    def __init__(self, state: Path) -> None:
+        self.state = state
+
+    def state_dir(self, ctx: JobContext) -> Path:
+        return self.state
+
+    @asynccontextmanager
+    async def quiesced(self, ctx: JobContext, job: object) -> AsyncIterator[None]:
+        yield
+
+
+class Running:
+    class process:  # noqa: N801  (the attribute JobProcess has)
+        returncode = None
+
+
+def worker_flow(tmp: Path, user: tuple[int, int] | None = (JOB_UID, JOB_UID)) -> tuple[Checkpoints, JobContext, list]:  # type: ignore[type-arg]
+    layout = JobLayout(tmp / "disk")
+    layout.staging.mkdir(parents=True)
+    state = tmp / "state"
+    state.mkdir(exist_ok=True)
+    logs = tmp / "logs"
+    logs.mkdir()
+    ctx = JobContext(job_id="j", workdir=state, checkpoint_dir=state, stdout=logs / "out", stderr=logs / "err",
+                     env={}, user=user)
+    sent: list = []  # type: ignore[type-arg]
+
+    async def report(kind: MessageType, body: object) -> bool:
+        sent.append((kind, body))
+        return True
+
+    return Checkpoints("j", 1, layout, HeldStill(state), store_at(tmp), report), ctx, sent  # type: ignore[arg-type]
+
+
+def take(checkpoints: Checkpoints, ctx: JobContext) -> bool:
+    async def go() -> bool:
+        taken = await checkpoints.take(ctx, Running(), "interval")  # type: ignore[arg-type]
+        await checkpoints.reported()
+        return taken
+
+    return asyncio.run(go())
+
+
+def test_a_hard_link_to_a_file_the_job_may_not_read_is_refused_not_copied(tmp_path: Path) -> None:
+    # protected_hardlinks stops most of these; a file the job was once given, or a kernel without
+    # it, does not: the root worker must not read it for the job
+    secret = secret_file(tmp_path)
+    checkpoints, ctx, sent = worker_flow(tmp_path)
+    (tmp_path / "state" / "mine.txt").write_text("the job's")
+    os.chown(tmp_path / "state" / "mine.txt", JOB_UID, JOB_UID)
+    os.link(secret, tmp_path / "state" / "linked")
+    assert not take(checkpoints, ctx)
+    [(kind, failure)] = sent
+    assert kind == MessageType.CHECKPOINT_FAILED and "belongs to uid 0, not to the job" in failure.error
+    assert SECRET not in everything_stored(tmp_path)
+    assert store_at(tmp_path).checkpoint_ids() == []
+
+
+def test_a_file_swapped_for_a_link_to_a_root_only_file_during_the_capture_is_never_followed(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    secret = secret_file(tmp_path)
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "data").write_bytes(b"the job's data" * 1000)
+    real_open = os.open
+
+    def swapping_open(path, flags, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if str(path) == "data" and not (state / "data").is_symlink():  # listed as a file; now a link
+            (state / "data").unlink()
+            (state / "data").symlink_to(secret)
+        return real_open(path, flags, *args, **kwargs)
+
+    monkeypatch.setattr("os.open", swapping_open)
+    with pytest.raises(UnsupportedFile):
+        store_at(tmp_path).snapshot(state, tmp_path / "staging")
+    monkeypatch.undo()
+    assert SECRET not in everything_stored(tmp_path)
+
+
+def test_a_job_writing_into_a_file_after_its_capture_changes_nothing_captured(tmp_path: Path) -> None:
+    # a hard-link "snapshot" would share the job's inode: these writes would land in the checkpoint
+    state = tmp_path / "state"
+    state.mkdir()
+    data = state / "data.bin"
+    data.write_bytes(os.urandom(3 << 20))
+    captured = data.read_bytes()
+    store = store_at(tmp_path)
+    snapshot = store.snapshot(state, tmp_path / "staging")
+    with open(data, "r+b") as handle:  # the job goes on, in place
+        handle.write(b"after the capture" * 1000)
+    store.commit(snapshot, "c1", "directory")
+    store.release(snapshot)
+    store_at(tmp_path).restore("c1", tmp_path / "out")
+    assert (tmp_path / "out" / "data.bin").read_bytes() == captured
+
+
+def test_an_image_written_into_after_its_capture_fails_the_checkpoint(tmp_path: Path) -> None:
+    # images are only opened while the job is held: a job that writes into one afterwards must
+    # not get a torn image counted as its checkpoint
+    state = tmp_path / "state"
+    (state / ".dmtcp").mkdir(parents=True)
+    image = state / ".dmtcp" / "ckpt_a.dmtcp"
+    image.write_bytes(os.urandom(2 << 20))
+    store = store_at(tmp_path)
+    snapshot = store.snapshot(state, tmp_path / "staging", immutable=IMAGE)
+    with open(image, "r+b") as handle:
+        handle.seek(1 << 20)
+        handle.write(b"torn")
+    with pytest.raises(StateChanged, match="changed while it was captured"):
+        store.commit(snapshot, "c1", "dmtcp")
+    store.release(snapshot)
+    assert store_at(tmp_path).checkpoint_ids() == []
+
+
+def test_a_file_that_grows_while_it_is_captured_fails_the_capture(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # a process the hold missed appends while the worker copies
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "log.bin").write_bytes(os.urandom(1 << 20))
+    real_read, real_sendfile = os.read, os.sendfile
+
+    def growing(*args, **kwargs):  # type: ignore[no-untyped-def]
+        with open(state / "log.bin", "ab") as handle:
+            handle.write(b"more" * 1000)
+        monkeypatch.setattr("os.read", real_read)
+        monkeypatch.setattr("os.sendfile", real_sendfile)
+        return (real_sendfile if len(args) == 4 else real_read)(*args, **kwargs)
+
+    monkeypatch.setattr("os.read", growing)
+    monkeypatch.setattr("os.sendfile", growing)
+    with pytest.raises(StateChanged, match="log.bin changed while it was captured"):
+        store_at(tmp_path).snapshot(state, tmp_path / "staging")
+
+
+@contextmanager
+def small_disk(path: Path, size: str) -> Iterator[Path]:
+    path.mkdir(parents=True, exist_ok=True)
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True).returncode:
+        pytest.skip("needs to mount a small tmpfs (root)")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], capture_output=True)
+
+
+def test_a_full_disk_during_the_capture_fails_it_cleanly_and_the_last_checkpoint_stays(tmp_path: Path) -> None:
+    checkpoints, ctx, sent = worker_flow(tmp_path, user=None)
+    state = tmp_path / "state"
+    (state / "small.bin").write_bytes(os.urandom(512 << 10))
+    with small_disk(checkpoints.layout.staging, "2m"):
+        assert take(checkpoints, ctx)
+        (state / "big.bin").write_bytes(os.urandom(6 << 20))  # more than the worker's disk has left
+        assert not take(checkpoints, ctx)
+        left = [p for p in checkpoints.layout.staging.rglob("*") if p.is_file()]
+        assert all("a0001-n00001" in str(p) for p in left)  # the last capture's bytes, nothing half-written
+    failures = [body for kind, body in sent if kind == MessageType.CHECKPOINT_FAILED]
+    assert len(failures) == 1 and "disk is full" in failures[0].error
+    assert store_at(tmp_path).checkpoint_ids() == ["a0001-n00001"]  # still the newest good one
+    store_at(tmp_path).restore("a0001-n00001", tmp_path / "out")
+    assert (tmp_path / "out" / "small.bin").read_bytes() == (state / "small.bin").read_bytes()
+
+
+def test_reflinks_are_tried_then_left_for_a_plain_copy(tmp_path: Path) -> None:
+    source = tmp_path / "a"
+    source.write_bytes(os.urandom(100_000))
+    fd = os.open(source, os.O_RDONLY)
+    try:
+        assert capture._clone_or_copy(fd, tmp_path / "b", 100_000, 0) == 100_000
+    finally:
+        os.close(fd)
+    assert (tmp_path / "b").read_bytes() == source.read_bytes()
+    assert (tmp_path / "b").stat().st_mode & 0o777 == 0o600
