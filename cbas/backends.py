@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import random
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Callable, Protocol
@@ -74,8 +76,11 @@ class AccessNotGranted(RuntimeError):
 
 async def mutate_with_retries(store: JobStore, job_id: str, change: JobMutation, attempts: int = 20) -> Job | None:
     """JobStore.mutate_job, the same for every store: read, change, write conditionally, again
-    on StaleWrite, until it lands or the change declines (returns None)."""
-    for _ in range(attempts):
+    on StaleWrite, until it lands or the change declines (returns None). Writers that lost back
+    off at random, or the same ones keep colliding (seen with eight at once on DynamoDB)."""
+    for lost in range(attempts):
+        if lost:
+            await asyncio.sleep(random.uniform(0, 0.001 * 2 ** min(lost, 7)))
         job = await store.get_job(job_id)
         changed = change(job)
         if changed is None:
@@ -120,6 +125,7 @@ class JobStore(Protocol):
     async def add_checkpoint(self, record: CheckpointRecord) -> bool: ...
     async def list_checkpoints(self, job_id: str) -> list[CheckpointRecord]: ...
     async def mark_checkpoint_bad(self, job_id: str, checkpoint_id: str) -> None: ...
+    async def mark_snapshot_deleted(self, job_id: str, checkpoint_id: str) -> None: ...
 
     async def add_event(self, event: JobEvent) -> None: ...
     async def list_events(self, job_id: str) -> list[JobEvent]: ...

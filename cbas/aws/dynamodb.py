@@ -194,11 +194,30 @@ class DynamoJobStore:
         return sorted((CheckpointRecord.model_validate_json(i["data"]) for i in items), key=lambda c: c.id)
 
     async def mark_checkpoint_bad(self, job_id: str, checkpoint_id: str) -> None:
-        for record in await self.list_checkpoints(job_id):
-            if record.id == checkpoint_id and not record.bad:
-                item = {"pk": f"JOB#{job_id}", "sk": f"CKPT#{checkpoint_id}",
-                        "data": record.model_copy(update={"bad": True}).model_dump_json()}
-                await self._run(self.table.put_item, Item=item)
+        await self._mark_checkpoint(job_id, checkpoint_id, bad=True)
+
+    async def mark_snapshot_deleted(self, job_id: str, checkpoint_id: str) -> None:
+        await self._mark_checkpoint(job_id, checkpoint_id, snapshot_deleted=True)
+
+    async def _mark_checkpoint(self, job_id: str, checkpoint_id: str, **fields: bool) -> None:
+        """Written only over the record as read: two marks at once (bad, snapshot gone) both stay."""
+        for _ in range(10):
+            items = await self._run(self._query_pk, f"JOB#{job_id}", f"CKPT#{checkpoint_id}")
+            read = next((i["data"] for i in items if i["sk"] == f"CKPT#{checkpoint_id}"), None)
+            if read is None:
+                return
+            record = CheckpointRecord.model_validate_json(read)
+            if all(getattr(record, name) == value for name, value in fields.items()):
+                return
+            item = {"pk": f"JOB#{job_id}", "sk": f"CKPT#{checkpoint_id}",
+                    "data": record.model_copy(update=fields).model_dump_json()}
+            try:
+                await self._run(self._put, item, "#data = :read", {":read": read}, {"#data": "data"})
+                return
+            except ClientError as exc:
+                if not _conditional_failed(exc):
+                    raise
+        raise StaleWrite(f"checkpoint {checkpoint_id} of job {job_id} kept changing")
 
     async def add_event(self, event: JobEvent) -> None:
         sk = f"EVENT#{event.at.isoformat()}#{secrets.token_hex(4)}"

@@ -139,11 +139,17 @@ class SqliteJobStore:
         return [CheckpointRecord.model_validate_json(row[0]) for row in rows]
 
     async def mark_checkpoint_bad(self, job_id: str, checkpoint_id: str) -> None:
+        await self._mark_checkpoint(job_id, checkpoint_id, bad=True)
+
+    async def mark_snapshot_deleted(self, job_id: str, checkpoint_id: str) -> None:
+        await self._mark_checkpoint(job_id, checkpoint_id, snapshot_deleted=True)
+
+    async def _mark_checkpoint(self, job_id: str, checkpoint_id: str, **fields: bool) -> None:
         for record in await self.list_checkpoints(job_id):
             if record.id == checkpoint_id:
-                bad = record.model_copy(update={"bad": True})
+                marked = record.model_copy(update=fields)
                 await self._change("UPDATE checkpoints SET data = ? WHERE job_id = ? AND id = ?",
-                                   (bad.model_dump_json(), job_id, checkpoint_id))
+                                   (marked.model_dump_json(), job_id, checkpoint_id))
 
     async def add_event(self, event: JobEvent) -> None:
         await self._change("INSERT INTO events (job_id, data) VALUES (?, ?)", (event.job_id, event.model_dump_json()))

@@ -88,6 +88,10 @@ async def test_checkpoints_and_events(store) -> None:  # type: ignore[no-untyped
         assert not await store.add_checkpoint(record)
     await store.mark_checkpoint_bad("a", "a0001-n00002")
     assert [(c.id, c.bad) for c in await store.list_checkpoints("a")] == [("a0001-n00001", False), ("a0001-n00002", True)]
+    await store.mark_snapshot_deleted("a", "a0001-n00002")  # both marks stay
+    await store.mark_snapshot_deleted("a", "a0001-n00009")  # none such: nothing happens
+    assert [(c.id, c.bad, c.snapshot_deleted) for c in await store.list_checkpoints("a")] == [
+        ("a0001-n00001", False, False), ("a0001-n00002", True, True)]
     for kind in ("queued", "provisioning", "running"):
         await store.add_event(JobEvent(job_id="a", kind=kind))
     assert [e.kind for e in await store.list_events("a")] == ["queued", "provisioning", "running"]
