@@ -51,6 +51,11 @@ class Job(BaseModel):
     stderr_tail: str | None = None
     missing_outputs: list[str] = Field(default_factory=list)
     image_id: str | None = None  # BuildImage: the image its prologue was built into
+    # what the master is doing about the job, kept here so a master restarted at any moment goes on
+    move_reason: str | None = None  # a move under way: STOP_JOB (checkpoint first) was sent
+    move_deadline: datetime | None = None  # ... and without a final checkpoint by then, it moves anyway
+    checkpoint_requested_at: datetime | None = None  # the scheduler's last CHECKPOINT_NOW
+    waiting_reason: str | None = None  # why it waits to be placed, as last recorded in its events
 
 
 class LedgerState(StrEnum):
@@ -76,6 +81,7 @@ class LedgerEntry(BaseModel):
     terminated_at: datetime | None = None
     cost: float = 0.0
     reason: str | None = None  # why it ended
+    notice_ends_at: datetime | None = None  # a spot notice was heard: the machine goes then
 
     def cost_until(self, now: datetime) -> float:
         """USD the machine has cost from its launch to `now` (per-second billing)."""
@@ -98,6 +104,7 @@ class CheckpointRecord(BaseModel):
     snapshot_id: str | None = None  # volume strategy: the EBS snapshot that holds the state
     created_at: datetime = Field(default_factory=utcnow)
     bad: bool = False  # failed verification on restore; never used again
+    snapshot_deleted: bool = False  # its disk snapshot is gone (no longer needed)
 
 
 class JobEvent(BaseModel):

@@ -57,6 +57,7 @@ async def on_job_done(master: Master, message: Envelope, body: JobDone) -> None:
         body.job_id, body.attempt, ok=True,
         update={"exit_code": body.exit_code, "missing_outputs": body.missing_outputs},
         detail="exit code 0" + (f"; missing outputs: {', '.join(body.missing_outputs)}" if body.missing_outputs else ""),
+        instance_id=message.sender.removeprefix("worker/"),
     )
 
 
@@ -66,5 +67,5 @@ async def on_job_failed(master: Master, message: Envelope, body: JobFailed) -> N
     await master.job_finished(
         body.job_id, body.attempt, ok=False,
         update={"exit_code": body.exit_code, "error": body.reason, "stderr_tail": body.stderr_tail},
-        detail=body.reason,
+        detail=body.reason, instance_id=message.sender.removeprefix("worker/"),
     )

@@ -14,6 +14,7 @@ if TYPE_CHECKING:
     from cbas.master.reaper import Reaper
     from cbas.master.resource_manager import ResourceManager
     from cbas.master.scheduler_adapter import SchedulerAdapter
+    from cbas.master.timers import Deadlines
     from cbas.master.worker_manager import WorkerManager
     from cbas.messages import Envelope
     from cbas.settings import Settings
@@ -34,8 +35,10 @@ class MasterPart:
         reaper: Reaper
         workers: WorkerManager
         adapter: SchedulerAdapter
+        moves: Deadlines  # restarts.py's: when moves under way time out
 
         def kick(self) -> None: ...
         async def send_quietly(self, message: Envelope) -> None: ...
         async def _signed(self, message: Envelope) -> Envelope: ...
         async def _release(self, job_id: str, instance_id: str, reason: str) -> None: ...
+        async def ask_to_stop_for_move(self, job_id: str, instance_id: str, reason: str) -> None: ...

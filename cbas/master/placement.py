@@ -8,11 +8,13 @@ A part of the Master (cbas.master.service), built on its transitions.
 from __future__ import annotations
 
 import time
+from datetime import datetime, timezone
 
 import structlog
 
 from cbas import jdl
 from cbas.backends import CapacityError
+from cbas.faults import crash_point
 from cbas.master.transitions import Transitions
 from cbas.master.views import describe, where
 from cbas.messages import MASTER, CheckpointNow, MessageType, StopJob, envelope, worker_address
@@ -20,6 +22,16 @@ from cbas.models import DiskSpec, Job, JobEvent, LedgerEntry, Offer, utcnow
 from cbas.state import JobState
 
 log = structlog.get_logger(__name__)
+
+
+def stamp(seconds: float) -> datetime:
+    """A time of the master's clock (time.time), as the job store keeps times."""
+    return datetime.fromtimestamp(seconds, timezone.utc)
+
+
+def on_machine(job: Job, instance_id: str) -> bool:
+    """Still on that machine, and not ending: what a decision about the running job needs."""
+    return job.state.has_machine() and job.instance_id == instance_id and job.move_reason is None
 
 
 def allowed_types(requested: list[str], default: str, offered: list[str]) -> list[str]:
@@ -33,10 +45,8 @@ class Placement(Transitions):
     """The Master's scheduling pass."""
 
     def _init_placement(self) -> None:
-        # coordination state, in memory only (a restart forgets it)
-        self.moving: dict[str, tuple[str, float]] = {}  # job id -> why it moves, and by when (ended by worker_events.py or restarts.py)
-        self._waiting: dict[str, str] = {}  # job id -> the last wait reason recorded
-        self._checkpoint_requested: dict[str, float] = {}  # job id -> when we last asked
+        # moves, checkpoint requests and wait reasons are kept in the jobs' records (a restarted
+        # master goes on with them); only the market's last view is in memory:
         # the market as the last scheduling pass saw it (the API and the job views show it)
         self.offers: list[Offer] = []
         self.ondemand_prices: dict[str, float] = {}
@@ -58,7 +68,7 @@ class Placement(Transitions):
             types = allowed_types(list(description.instance_types), self.settings.default_instance_type, offered)
             if job.state == JobState.QUEUED:
                 await self._place(job, description, types, offered, live)
-            elif job.id in live and job.id not in self.moving and types:
+            elif job.id in live and job.move_reason is None and types:
                 decision = self.adapter.review(job, description, types, live[job.id])
                 if decision.action == "move":
                     await self.move(job, decision.reason)
@@ -81,11 +91,12 @@ class Placement(Transitions):
             return
         decision = self.adapter.place(job, description, types)
         if decision.action == "wait" or decision.placement is None:
-            if self._waiting.get(job.id) != decision.reason:  # an event when the reason changes, not every pass
-                self._waiting[job.id] = decision.reason
-                await self.store.add_event(JobEvent(job_id=job.id, kind="waiting", detail=decision.reason))
+            if job.waiting_reason != decision.reason:  # an event when the reason changes, not every pass
+                waiting = await self.store.mutate_job(job.id, lambda j: j.model_copy(
+                    update={"waiting_reason": decision.reason}) if j.state == JobState.QUEUED else None)
+                if waiting is not None:
+                    await self.store.add_event(JobEvent(job_id=job.id, kind="waiting", detail=decision.reason))
             return
-        self._waiting.pop(job.id, None)
         try:
             entry = await self.resources.launch(job.id, decision.placement, description.max_price,
                                                 await self._disk_for(job, description))
@@ -96,7 +107,7 @@ class Placement(Transitions):
         self.workers.launched(entry.instance_id)
         placed = await self.transition(
             job.id, JobState.PROVISIONING, event="provisioning", detail=f"{where(entry)}: {decision.reason}",
-            update=lambda j: {"instance_id": entry.instance_id, "provisioned_at": utcnow(),
+            update=lambda j: {"instance_id": entry.instance_id, "provisioned_at": utcnow(), "waiting_reason": None,
                               "predicted_cost": j.predicted_cost if j.predicted_cost is not None else decision.predicted_cost},
         )
         if placed is None:
@@ -120,10 +131,14 @@ class Placement(Transitions):
 
     async def request_checkpoint(self, job: Job, reason: str) -> None:
         """Ask for a checkpoint ahead of schedule; at most one request per checkpoint's duration."""
-        last = self._checkpoint_requested.get(job.id, 0.0)
-        if not job.instance_id or time.time() - last < 2 * (job.checkpoint_seconds or 0.0) + self.settings.schedule_interval:
+        last = job.checkpoint_requested_at.timestamp() if job.checkpoint_requested_at else 0.0
+        now = time.time()
+        if not job.instance_id or now - last < 2 * (job.checkpoint_seconds or 0.0) + self.settings.schedule_interval:
             return
-        self._checkpoint_requested[job.id] = time.time()
+        asked = await self.store.mutate_job(job.id, lambda j: j.model_copy(
+            update={"checkpoint_requested_at": stamp(now)}) if on_machine(j, job.instance_id) else None)
+        if asked is None:
+            return
         await self.store.add_event(JobEvent(job_id=job.id, kind="checkpoint-requested", detail=reason))
         await self.send_quietly(envelope(MessageType.CHECKPOINT_NOW, CheckpointNow(job_id=job.id, reason=reason),
                                           MASTER, worker_address(job.instance_id)))
@@ -133,7 +148,18 @@ class Placement(Transitions):
         checkpoint ends the attempt (checkpoint_done); without one by the deadline, check_workers does."""
         if not job.instance_id:
             return
-        self.moving[job.id] = (reason, time.time() + self.settings.migrate_timeout)
+        deadline = time.time() + self.settings.migrate_timeout
+        moving = await self.store.mutate_job(job.id, lambda j: j.model_copy(
+            update={"move_reason": reason, "move_deadline": stamp(deadline)}) if on_machine(j, job.instance_id) else None)
+        if moving is None:
+            return  # it left the machine meanwhile
+        self.moves.arm(job.id, deadline)
         await self.store.add_event(JobEvent(job_id=job.id, kind="moving", detail=reason))
-        await self.send_quietly(envelope(MessageType.STOP_JOB, StopJob(job_id=job.id, reason=reason, checkpoint=True),
-                                          MASTER, worker_address(job.instance_id)))
+        crash_point("move-requested")
+        await self.ask_to_stop_for_move(job.id, job.instance_id, reason)
+
+    async def ask_to_stop_for_move(self, job_id: str, instance_id: str, reason: str) -> None:
+        """STOP_JOB, checkpoint first; the worker takes a second one as the first (recover() sends
+        it again: the master may have died before it went)."""
+        await self.send_quietly(envelope(MessageType.STOP_JOB, StopJob(job_id=job_id, reason=reason, checkpoint=True),
+                                          MASTER, worker_address(instance_id)))

@@ -29,6 +29,9 @@ class Recovery(Restarts):
         result = await self.resources.reconcile()
         for entry in result.adopted:
             self.workers.launched(entry.instance_id or "")
+        for entry in await self.store.list_ledger(live_only=True):
+            if entry.instance_id and entry.notice_ends_at:  # a notice heard before: it still decides
+                self.workers.noticed(entry.instance_id, entry.notice_ends_at.timestamp())
         await self.release_unneeded()
         live = {entry.instance_id: entry for entry in await self.store.list_ledger(live_only=True)}
         for job in await self.store.list_jobs():
@@ -38,6 +41,9 @@ class Recovery(Restarts):
                 if job.instance_id in live:
                     self.workers.pinged(job.instance_id)  # a full ping window to be heard from
                     self._watch_progress(job)
+                    if job.move_reason and job.move_deadline:  # a move under way goes on
+                        self.moves.arm(job.id, job.move_deadline.timestamp())
+                        await self.ask_to_stop_for_move(job.id, job.instance_id, job.move_reason)
                 else:
                     await self.machine_lost(job.id, job.instance_id, "machine gone while the master was down")
             elif job.state == JobState.PREEMPTED:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import structlog
 from pydantic import SecretStr
@@ -104,6 +105,15 @@ class ResourceManager:
             if entry.instance_id == instance_id:
                 return entry
         return None
+
+    async def record_notice(self, instance_id: str, ends_at: datetime) -> bool:
+        """A spot notice for the machine, kept in its entry (a restarted master still knows the
+        machine's loss is a preemption). False if it was known already, or the machine is not ours."""
+        entry = await self.entry_for(instance_id)
+        if entry is None or entry.notice_ends_at is not None:
+            return False
+        await self._put(entry.model_copy(update={"notice_ends_at": ends_at}))
+        return True
 
     async def terminate(self, instance_id: str, reason: str) -> LedgerEntry | None:
         """Terminate the machine and close its ledger entry; returns the closed entry (with cost)."""

@@ -44,11 +44,11 @@ def restart_loop(job: Job, limit: int) -> str | None:
 class Restarts(Transitions):
     """The Master's side of attempts that end early."""
 
-    if TYPE_CHECKING:
-        moving: dict[str, tuple[str, float]]  # placement.py's moves under way
-
     def _init_restarts(self) -> None:
         self.progress = Deadlines()  # job id -> when a restart from a checkpoint counts as stalled
+        # job id -> when a move (placement.py) ends without its checkpoint; the job's record has the
+        # move itself (move_reason, move_deadline), from which recover() arms these again
+        self.moves = Deadlines()
 
     def _watch_progress(self, job: Job) -> None:
         """A restart from a checkpoint must take a checkpoint of its own in time, or it is stalled."""
@@ -63,16 +63,16 @@ class Restarts(Transitions):
     async def check_workers(self) -> None:
         """The watchdogs (moves, restarts' progress, silent workers): a deadline is dropped only once
         what it triggers is done, so a failing store or cloud leaves it due again."""
-        for job_id, (reason, deadline) in list(self.moving.items()):
-            if time.time() > deadline:
-                try:
-                    job = await self.store.get_job(job_id)
-                    if job.instance_id and job.state.has_machine():
-                        await self._restart_elsewhere(job_id, job.instance_id, f"{reason}; no checkpoint came in time",
-                                                      event="moved", update=lambda j: {})
-                    del self.moving[job_id]
-                except Exception as exc:  # still moving: the next pass tries again
-                    log.warning("move.retrying", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
+        for job_id in self.moves.pop_expired(time.time()):
+            try:
+                job = await self.store.get_job(job_id)
+                if job.move_reason and job.instance_id and job.state.has_machine():
+                    await self._restart_elsewhere(job_id, job.instance_id,
+                                                  f"{job.move_reason}; no checkpoint came in time",
+                                                  event="moved", update=lambda j: {})
+            except Exception as exc:  # still moving: tried again shortly
+                log.warning("move.retrying", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
+                self.moves.arm(job_id, time.time() + min(self.settings.ping_interval, 5.0))
         for job_id in self.progress.pop_expired(time.time()):
             try:
                 job = await self.store.get_job(job_id)
@@ -122,6 +122,7 @@ class Restarts(Transitions):
         or fail it if its attempts are a restart loop."""
         lost = await self.transition(job_id, JobState.PREEMPTED, instance_id=instance_id, event=event, detail=reason,
                                      update=lambda j: {**update(j), "instance_id": None,
+                                                       "move_reason": None, "move_deadline": None,
                                                        "stalled_attempts": j.stalled_attempts + stalled(j)})
         if instance_id:
             await self._release(job_id, instance_id, reason=reason)

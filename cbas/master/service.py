@@ -85,7 +85,6 @@ class Master(Placement, WorkerEvents, Recovery):
         self._tasks: list[asyncio.Task[None]] = []
         # each part's own state, beside the code that uses it; in memory, so a restart forgets
         # the moves and checkpoint requests under way
-        self._init_transitions()
         self._init_placement()
         self._init_restarts()
 

@@ -57,10 +57,6 @@ def next_job(job: Job, target: JobState, *, attempt: int | None, instance_id: st
 class Transitions(MasterPart):
     """The Master's state changes, and the disk snapshots a job's end (or a newer one) frees."""
 
-    def _init_transitions(self) -> None:
-        # in memory only: after a restart a deleted snapshot is deleted again, which both clouds take as done
-        self._snapshots_dropped: set[str] = set()
-
     async def transition(
         self, job_id: str, target: JobState, *, attempt: int | None = None,
         instance_id: str | None = None, event: str, detail: str = "",
@@ -90,9 +86,9 @@ class Transitions(MasterPart):
         records = [c for c in await self.store.list_checkpoints(job_id) if c.snapshot_id]
         good = [c.id for c in records if not c.bad][-keep:] if keep else []
         for record in records:
-            if record.id not in good and record.snapshot_id not in self._snapshots_dropped:
+            if record.id not in good and not record.snapshot_deleted:
                 try:
                     await self.cloud.delete_snapshot(record.snapshot_id)  # type: ignore[arg-type]
-                    self._snapshots_dropped.add(record.snapshot_id)  # type: ignore[arg-type]
+                    await self.store.mark_snapshot_deleted(job_id, record.id)
                 except Exception as exc:  # the reaper finds it again later
                     log.warning("snapshot.delete_failed", job_id=job_id, snapshot=record.snapshot_id, error=str(exc))

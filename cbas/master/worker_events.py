@@ -11,6 +11,7 @@ A part of the Master (cbas.master.service), built on its restarts (and so its tr
 
 from __future__ import annotations
 
+from datetime import datetime, timezone
 from typing import Any
 
 import structlog
@@ -83,7 +84,8 @@ class WorkerEvents(Restarts):
         if job.state != JobState.QUEUED:
             return job
         placed = await self.transition(job.id, JobState.PROVISIONING, event="provisioning",
-                                       detail=where(entry), update=lambda _: {"instance_id": instance_id})
+                                       detail=where(entry), update=lambda _: {"instance_id": instance_id,
+                                                                               "provisioned_at": utcnow()})
         return placed or await self.store.get_job(entry.job_id)  # None: changed meanwhile (placed, cancelled)
 
     async def _not_to_start(self, job: Job, instance_id: str) -> None:
@@ -195,8 +197,8 @@ class WorkerEvents(Restarts):
             return
         if await self.store.add_checkpoint(record):  # False: a copy of one recorded already
             await self._count_checkpoint(job, record)
-        if final and job.instance_id:  # the worker stopped the job after it: this attempt is over
-            await self._end_checkpointed_attempt(job, job.instance_id)
+        if final:  # the worker stopped the job after it: its attempt on the sender's machine is over
+            await self._end_checkpointed_attempt(job, instance_id)
 
     async def _count_checkpoint(self, job: Job, record: CheckpointRecord) -> None:
         """A checkpoint recorded for the first time: the job's statistics, its event, and the
@@ -211,10 +213,15 @@ class WorkerEvents(Restarts):
             await self.drop_snapshots(job.id, keep=self.settings.checkpoints_kept)
 
     async def _end_checkpointed_attempt(self, job: Job, instance_id: str) -> None:
-        """A final checkpoint ends the attempt: the stop a move asked for, or else a spot notice's."""
-        if job.id in self.moving:
-            reason, _ = self.moving.pop(job.id)
-            await self._restart_elsewhere(job.id, instance_id, f"{reason} (checkpointed)", event="moved",
+        """A final checkpoint ends the attempt: the stop a move asked for, or else a spot notice's.
+        Only on the sender's machine: if the job has left it (it is placed elsewhere), the ending
+        changes nothing there (both end in a transition fenced on the machine)."""
+        if job.instance_id != instance_id:
+            log.info("checkpoint.final_from_old_machine", job_id=job.id, instance_id=instance_id)
+            await self._release(job.id, instance_id, reason="its attempt ended (final checkpoint)")
+            return
+        if job.move_reason:
+            await self._restart_elsewhere(job.id, instance_id, f"{job.move_reason} (checkpointed)", event="moved",
                                           update=lambda j: {})
         else:
             await self.machine_lost(job.id, instance_id, "spot interruption notice (checkpointed)", spot=True)
@@ -232,20 +239,28 @@ class WorkerEvents(Restarts):
         entry = await self.resources.entry_for(instance_id)
         if entry is None:
             return
+        ends_at = datetime.fromtimestamp(action_time, timezone.utc)
+        if await self.resources.record_notice(instance_id, ends_at):  # kept: a restarted master knows too
+            crash_point("notice-recorded")
+            await self.store.add_event(JobEvent(job_id=entry.job_id, kind="spot-notice", detail=f"on {instance_id}"))
         self.workers.noticed(instance_id, action_time)  # the machine's deadline: the notice's end
-        await self.store.add_event(JobEvent(job_id=entry.job_id, kind="spot-notice", detail=f"on {instance_id}"))
 
-    async def job_finished(self, job_id: str, attempt: int, ok: bool, update: dict[str, Any], detail: str) -> None:
+    async def job_finished(self, job_id: str, attempt: int, ok: bool, update: dict[str, Any], detail: str,
+                           instance_id: str) -> None:
+        """The sender's attempt ended: the job's end, if the job is still that attempt on that machine."""
         target = JobState.COMPLETED if ok else JobState.FAILED
         job = await self.store.get_job(job_id)
+        if job.instance_id != instance_id:  # the job was placed elsewhere meanwhile: not its end
+            log.info("job_end.from_old_machine", job_id=job_id, instance_id=instance_id, attempt=attempt)
+            return
         if (not ok and job.attempt == attempt and not job.state.is_terminal()
                 and job.restored_from and job.attempt_checkpoints == 0):
             # a restart that fails before its first checkpoint blames the checkpoint, not the job
             await self.fall_back(job, f"the restart from {job.restored_from} failed: {detail}")
             return
         self.progress.disarm(job_id)
-        new = await self.transition(job_id, target, attempt=attempt, event=target.lower(), detail=detail,
-                                    update=lambda _: update)
+        new = await self.transition(job_id, target, attempt=attempt, instance_id=instance_id, event=target.lower(),
+                                    detail=detail, update=lambda _: update)
         crash_point("job-finished-recorded")
-        if new is not None and job.instance_id:
-            await self._release(job_id, job.instance_id, reason=f"job {target.lower()}")
+        if new is not None:
+            await self._release(job_id, instance_id, reason=f"job {target.lower()}")
