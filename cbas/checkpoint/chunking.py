@@ -87,8 +87,8 @@ def encode(data: memoryview | bytes) -> bytes:
     return _ZSTD + compressed if len(compressed) < len(data) else _RAW + bytes(data)
 
 
-def decode(blob: bytes, chunk_id: str) -> bytes:
-    kind, body = blob[:1], blob[1:]
+def decode(blob: bytes, chunk_id: str) -> bytes | memoryview:
+    kind, body = blob[:1], memoryview(blob)[1:]  # a view: a raw chunk is not copied again
     if kind == _RAW:
         return body
     if kind == _ZSTD:

@@ -21,7 +21,7 @@ from cbas.checkpoint.manifest import CorruptCheckpoint, FileEntry, Manifest, ins
 IN_FLIGHT = 32
 
 
-def fetch_chunk(blobs: BlobStore, key: str, chunk_id: str, expected: int) -> bytes:
+def fetch_chunk(blobs: BlobStore, key: str, chunk_id: str, expected: int) -> bytes | memoryview:
     try:
         data = decode(blobs.get_bytes(key), chunk_id)
     except BlobNotFound:

@@ -294,7 +294,7 @@ class ChunkStore:
         self.remember(target, manifest)
         return manifest
 
-    def _fetch_chunk(self, chunk_id: str, expected: int) -> bytes:
+    def _fetch_chunk(self, chunk_id: str, expected: int) -> bytes | memoryview:
         return fetch_chunk(self.blobs, self.chunk_key(chunk_id), chunk_id, expected)
 
     def forget(self, checkpoint_id: str) -> None:
