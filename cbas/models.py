@@ -17,6 +17,11 @@ def utcnow() -> datetime:
     return datetime.now(timezone.utc)
 
 
+def from_epoch(seconds: float) -> datetime:
+    """A time of time.time() (the master's clock), as records keep times."""
+    return datetime.fromtimestamp(seconds, timezone.utc)
+
+
 class Job(BaseModel):
     id: str
     state: JobState = JobState.SUBMITTING

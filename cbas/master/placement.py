@@ -8,7 +8,6 @@ A part of the Master (cbas.master.service), built on its transitions.
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
 
 import structlog
 
@@ -18,15 +17,10 @@ from cbas.faults import crash_point
 from cbas.master.transitions import Transitions
 from cbas.master.views import describe, where
 from cbas.messages import MASTER, CheckpointNow, MessageType, StopJob, envelope, worker_address
-from cbas.models import DiskSpec, Job, JobEvent, LedgerEntry, Offer, utcnow
+from cbas.models import DiskSpec, Job, JobEvent, LedgerEntry, Offer, from_epoch, utcnow
 from cbas.state import JobState
 
 log = structlog.get_logger(__name__)
-
-
-def stamp(seconds: float) -> datetime:
-    """A time of the master's clock (time.time), as the job store keeps times."""
-    return datetime.fromtimestamp(seconds, timezone.utc)
 
 
 def on_machine(job: Job, instance_id: str) -> bool:
@@ -136,7 +130,7 @@ class Placement(Transitions):
         if not job.instance_id or now - last < 2 * (job.checkpoint_seconds or 0.0) + self.settings.schedule_interval:
             return
         asked = await self.store.mutate_job(job.id, lambda j: j.model_copy(
-            update={"checkpoint_requested_at": stamp(now)}) if on_machine(j, job.instance_id) else None)
+            update={"checkpoint_requested_at": from_epoch(now)}) if on_machine(j, job.instance_id) else None)
         if asked is None:
             return
         await self.store.add_event(JobEvent(job_id=job.id, kind="checkpoint-requested", detail=reason))
@@ -150,7 +144,7 @@ class Placement(Transitions):
             return
         deadline = time.time() + self.settings.migrate_timeout
         moving = await self.store.mutate_job(job.id, lambda j: j.model_copy(
-            update={"move_reason": reason, "move_deadline": stamp(deadline)}) if on_machine(j, job.instance_id) else None)
+            update={"move_reason": reason, "move_deadline": from_epoch(deadline)}) if on_machine(j, job.instance_id) else None)
         if moving is None:
             return  # it left the machine meanwhile
         self.moves.arm(job.id, deadline)

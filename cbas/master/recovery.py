@@ -29,11 +29,11 @@ class Recovery(Restarts):
         result = await self.resources.reconcile()
         for entry in result.adopted:
             self.workers.launched(entry.instance_id or "")
-        for entry in await self.store.list_ledger(live_only=True):
-            if entry.instance_id and entry.notice_ends_at:  # a notice heard before: it still decides
-                self.workers.noticed(entry.instance_id, entry.notice_ends_at.timestamp())
         await self.release_unneeded()
         live = {entry.instance_id: entry for entry in await self.store.list_ledger(live_only=True)}
+        for instance_id, entry in live.items():
+            if instance_id and entry.notice_ends_at:  # a notice heard before: it still decides
+                self.workers.noticed(instance_id, entry.notice_ends_at.timestamp())
         for job in await self.store.list_jobs():
             if job.state.is_terminal():
                 continue

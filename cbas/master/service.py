@@ -83,8 +83,8 @@ class Master(Placement, WorkerEvents, Recovery):
         self.adapter = SchedulerAdapter(settings)
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
-        # each part's own state, beside the code that uses it; in memory, so a restart forgets
-        # the moves and checkpoint requests under way
+        # each part's timers and views, beside the code that uses them; what they track is in
+        # the store, and recover() arms them again from it
         self._init_placement()
         self._init_restarts()
 

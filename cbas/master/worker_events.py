@@ -11,7 +11,6 @@ A part of the Master (cbas.master.service), built on its restarts (and so its tr
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from typing import Any
 
 import structlog
@@ -21,7 +20,7 @@ from cbas.faults import crash_point
 from cbas.master.restarts import Restarts
 from cbas.master.views import where
 from cbas.messages import MASTER, CheckpointFailure, DataAccess, MessageType, Ping, StartJob, envelope, worker_address
-from cbas.models import CheckpointRecord, Job, JobEvent, LedgerEntry, utcnow
+from cbas.models import CheckpointRecord, Job, JobEvent, LedgerEntry, from_epoch, utcnow
 from cbas.state import JobState
 
 log = structlog.get_logger(__name__)
@@ -239,8 +238,7 @@ class WorkerEvents(Restarts):
         entry = await self.resources.entry_for(instance_id)
         if entry is None:
             return
-        ends_at = datetime.fromtimestamp(action_time, timezone.utc)
-        if await self.resources.record_notice(instance_id, ends_at):  # kept: a restarted master knows too
+        if await self.resources.record_notice(instance_id, from_epoch(action_time)):  # kept: a restarted master knows too
             crash_point("notice-recorded")
             await self.store.add_event(JobEvent(job_id=entry.job_id, kind="spot-notice", detail=f"on {instance_id}"))
         self.workers.noticed(instance_id, action_time)  # the machine's deadline: the notice's end

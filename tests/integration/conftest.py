@@ -42,6 +42,13 @@ FAST = {
     "CBAS_RESTART_OVERHEAD": "2",
 }
 CALM = {("z1", "c5.large"): (0.03, 0.085, [(0.0, True)])}
+# simulated seconds since the master opened the market: the cheapest zone loses its capacity at
+# 10 s, the next one at 20 s; the dearest one never does (a job long enough is preempted twice)
+TWO_PREEMPTIONS = {
+    ("z1", "c5.large"): (0.020, 0.085, [(0.0, True), (10.0, False)]),
+    ("z2", "c5.large"): (0.025, 0.085, [(0.0, True), (20.0, False)]),
+    ("z3", "c5.large"): (0.040, 0.085, [(0.0, True)]),
+}
 
 
 class Cluster:

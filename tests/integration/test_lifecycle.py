@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import CALM, Cluster, expected_counter
+from tests.integration.conftest import CALM, TWO_PREEMPTIONS, Cluster, expected_counter
 from tests.processes import wait_until_gone
 
 pytestmark = pytest.mark.integration
@@ -57,13 +57,7 @@ def test_a_job_completes_and_its_output_can_be_fetched(cluster: Cluster) -> None
 
 
 def test_a_job_preempted_twice_resumes_from_its_checkpoints(cluster: Cluster) -> None:
-    # simulated seconds since the master opened the market: the cheapest zone loses its
-    # capacity at 10 s, the next one at 20 s; the dearest one never does
-    cluster.market({
-        ("z1", "c5.large"): (0.020, 0.085, [(0.0, True), (10.0, False)]),
-        ("z2", "c5.large"): (0.025, 0.085, [(0.0, True), (20.0, False)]),
-        ("z3", "c5.large"): (0.040, 0.085, [(0.0, True)]),
-    })
+    cluster.market(TWO_PREEMPTIONS)
     cluster.start_master()
     job_id = cluster.submit(cluster.job_dir("survivor", n=250, delay=0.1, interval=1))
     job = cluster.wait(job_id, timeout=120)

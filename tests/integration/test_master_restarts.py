@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from tests.integration.conftest import TERMINAL, Cluster, expected_counter
+from tests.integration.conftest import TERMINAL, TWO_PREEMPTIONS, Cluster, expected_counter
 from tests.integration.test_scheduling import zones_used
 
 pytestmark = pytest.mark.integration
@@ -68,15 +68,11 @@ def test_a_move_survives_the_master_dying_as_it_asks_for_it(cluster: Cluster) ->
 
 
 def test_preemptions_survive_the_master_dying_around_them(cluster: Cluster) -> None:
-    # z1 loses its capacity at 10 s, z2 at 20 s, z3 never: two spot notices; the master dies as
-    # it records the first notice, at a checkpoint, and once its machine is started
+    # two spot notices (z1 at 10 s, z2 at 20 s); the master dies as it records the first notice,
+    # at a checkpoint, and once its machine is started
     points = ["notice-recorded", "checkpoint-recorded", "launch-machine-started"]
     crash_at(cluster, points)
-    cluster.market({
-        ("z1", "c5.large"): (0.020, 0.085, [(0.0, True), (10.0, False)]),
-        ("z2", "c5.large"): (0.025, 0.085, [(0.0, True), (20.0, False)]),
-        ("z3", "c5.large"): (0.040, 0.085, [(0.0, True)]),
-    })
+    cluster.market(TWO_PREEMPTIONS)
     cluster.start_master()
     job_id = cluster.submit(cluster.job_dir("survivor", n=250, delay=0.1, interval=1))
     job = run_through_crashes(cluster, job_id, points)
