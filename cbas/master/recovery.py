@@ -46,15 +46,14 @@ class Recovery(Restarts):
                         await self.ask_to_stop_for_move(job.id, job.instance_id, job.move_reason)
                 else:
                     await self.machine_lost(job.id, job.instance_id, "machine gone while the master was down")
-            elif job.state == JobState.PREEMPTED:
-                await self.transition(job.id, JobState.QUEUED, event="requeued", detail="after master restart")
         await self.prune_endpoints()
         log.info("master.recovered", adopted=len(result.adopted), vanished=len(result.vanished),
                  strays=len(result.strays_terminated))
 
     async def release_unneeded(self) -> None:
-        """Machines still held for finished jobs, or for jobs now on another machine: let them go.
-        A termination that failed (the cloud erred) is retried here until it works."""
+        """Machines still held for finished jobs, or for jobs now on another machine or none: let
+        them go. A termination that failed (the cloud erred) is retried here until it works, and
+        an attempt's ending it interrupted (the job left PREEMPTED) is finished."""
         for entry in await self.store.list_ledger(live_only=True):
             if not entry.instance_id:
                 continue  # a launch under way
@@ -62,12 +61,16 @@ class Recovery(Restarts):
                 job = await self.store.get_job(entry.job_id)
             except NotFound:
                 job = None
-            moved = job is not None and job.state.has_machine() and job.instance_id not in (None, entry.instance_id)
+            # (a QUEUED job's entry may be a launch not yet recorded as its placement: never that)
+            moved = job is not None and job.instance_id != entry.instance_id and (
+                job.state.has_machine() or job.state == JobState.PREEMPTED)
             if job is None:
                 await self.resources.terminate(entry.instance_id, reason="job unknown")
             elif job.state.is_terminal() or moved:
                 why = "job moved to another machine" if moved else f"job {job.state.lower()}"
                 await self._release(job.id, entry.instance_id, reason=why)
+        for job in await self.store.list_jobs({JobState.PREEMPTED}):
+            await self.requeue(job, detail="restart from the newest good checkpoint (its ending was interrupted)")
 
     async def prune_endpoints(self) -> None:
         """Stale endpoints: subscriptions of workers whose machines no longer exist."""

@@ -7,8 +7,10 @@ cloud launch is idempotent on the entry id, so a crash at any point is found by 
 from __future__ import annotations
 
 import secrets
+import asyncio
 from dataclasses import dataclass, field
 from datetime import datetime
+from typing import Any, Callable
 
 import structlog
 from pydantic import SecretStr
@@ -29,6 +31,12 @@ class Reconciliation:
     strays_terminated: list[str] = field(default_factory=list)  # tagged machines with no entry
 
 
+def closing(entry: LedgerEntry, reason: str) -> dict[str, Any]:
+    """The fields that close an entry now, with what its machine cost."""
+    now = utcnow()
+    return {"state": LedgerState.TERMINATED, "terminated_at": now, "cost": entry.cost_until(now), "reason": reason}
+
+
 class ResourceManager:
     def __init__(self, store: JobStore, cloud: Cloud, cluster: str, keys: MachineKeys) -> None:
         self.store = store
@@ -38,6 +46,10 @@ class ResourceManager:
         # live entries by machine, for the ping path; every ledger write of this master goes
         # through _put, so once reconcile() has filled it the index is the ledger's truth
         self._live: dict[str, LedgerEntry] | None = None
+        # a change to an entry is read and written as one step: two handlers at once (a notice
+        # recorded while the machine is let go) would otherwise write from the same read, and the
+        # store's conditional write refuses the second
+        self._changing = asyncio.Lock()
 
     async def _put(self, entry: LedgerEntry) -> LedgerEntry:
         stored = await self.store.put_ledger(entry)
@@ -72,19 +84,22 @@ class ResourceManager:
         crash_point("launch-machine-started")
         return await self._adopt(entry, machine)
 
+    async def _change(self, entry: LedgerEntry, fields: Callable[[LedgerEntry], dict[str, Any]]) -> LedgerEntry:
+        """The entry with `fields` (computed from its newest version) written."""
+        async with self._changing:
+            newest = self._live.get(entry.instance_id or "") if self._live is not None else None
+            current = newest if newest is not None and newest.id == entry.id else entry
+            return await self._put(current.model_copy(update=fields(current)))
+
     async def _adopt(self, entry: LedgerEntry, machine: Machine) -> LedgerEntry:
-        return await self._put(
-            entry.model_copy(update={
-                "state": LedgerState.RUNNING, "instance_id": machine.instance_id,
-                # EC2 does not say what a spot machine costs at launch: keep the placement's price
-                "launched_at": machine.launched_at, "price": machine.price or entry.price,
-            })
-        )
+        return await self._change(entry, lambda current: {
+            "state": LedgerState.RUNNING, "instance_id": machine.instance_id,
+            # EC2 does not say what a spot machine costs at launch: keep the placement's price
+            "launched_at": machine.launched_at, "price": machine.price or current.price,
+        })
 
     async def _close(self, entry: LedgerEntry, reason: str) -> LedgerEntry:
-        now = utcnow()
-        return await self._put(entry.model_copy(update={
-            "state": LedgerState.TERMINATED, "terminated_at": now, "cost": entry.cost_until(now), "reason": reason}))
+        return await self._change(entry, lambda current: closing(current, reason))
 
     async def entry_by_id(self, ledger_id: str) -> LedgerEntry | None:
         """The ledger entry with this id, live or not (a machine's messages name it)."""
@@ -109,19 +124,21 @@ class ResourceManager:
     async def record_notice(self, instance_id: str, ends_at: datetime) -> bool:
         """A spot notice for the machine, kept in its entry (a restarted master still knows the
         machine's loss is a preemption). False if it was known already, or the machine is not ours."""
-        entry = await self.entry_for(instance_id)
-        if entry is None or entry.notice_ends_at is not None:
-            return False
-        await self._put(entry.model_copy(update={"notice_ends_at": ends_at}))
-        return True
+        async with self._changing:  # read under the lock: a machine let go meanwhile needs none
+            entry = await self.entry_for(instance_id)
+            if entry is None or entry.notice_ends_at is not None:
+                return False
+            await self._put(entry.model_copy(update={"notice_ends_at": ends_at}))
+            return True
 
     async def terminate(self, instance_id: str, reason: str) -> LedgerEntry | None:
         """Terminate the machine and close its ledger entry; returns the closed entry (with cost)."""
         await self.cloud.terminate(instance_id)
-        entry = await self.entry_for(instance_id)
-        if entry is None:
-            return None
-        closed = await self._close(entry, reason)
+        async with self._changing:  # read under the lock: of two releases at once, one closes it
+            entry = await self.entry_for(instance_id)
+            if entry is None:
+                return None
+            closed = await self._put(entry.model_copy(update=closing(entry, reason)))
         log.info("ledger.closed", instance_id=instance_id, job_id=entry.job_id, reason=reason, cost=round(closed.cost, 6))
         return closed
 

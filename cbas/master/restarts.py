@@ -131,9 +131,14 @@ class Restarts(Transitions):
             if current.state != JobState.PREEMPTED:
                 return
             lost = current  # an earlier pass stopped halfway (its release failed): finish it
-        loop = restart_loop(lost, self.settings.max_stalled_attempts)
+        await self.requeue(lost)
+
+    async def requeue(self, job: Job, detail: str = "restart from the newest good checkpoint") -> None:
+        """A PREEMPTED job (its attempt over, its machine let go) back to the queue, or failed if
+        its attempts are a restart loop."""
+        loop = restart_loop(job, self.settings.max_stalled_attempts)
         if loop is not None:
-            await self.transition(job_id, JobState.FAILED, event="failed", detail=loop, update=lambda _: {"error": loop})
+            await self.transition(job.id, JobState.FAILED, event="failed", detail=loop, update=lambda _: {"error": loop})
             return
-        await self.transition(job_id, JobState.QUEUED, event="requeued", detail="restart from the newest good checkpoint")
+        await self.transition(job.id, JobState.QUEUED, event="requeued", detail=detail)
         self.kick()

@@ -215,9 +215,10 @@ class WorkerEvents(Restarts):
         """A final checkpoint ends the attempt: the stop a move asked for, or else a spot notice's.
         Only on the sender's machine: if the job has left it (it is placed elsewhere), the ending
         changes nothing there (both end in a transition fenced on the machine)."""
-        if job.instance_id != instance_id:
+        if job.instance_id != instance_id:  # fenced: the sender is let go, a half-done ending finished
             log.info("checkpoint.final_from_old_machine", job_id=job.id, instance_id=instance_id)
-            await self._release(job.id, instance_id, reason="its attempt ended (final checkpoint)")
+            await self._restart_elsewhere(job.id, instance_id, "its attempt ended (final checkpoint)",
+                                          event="machine-lost", update=lambda j: {})
             return
         if job.move_reason:
             await self._restart_elsewhere(job.id, instance_id, f"{job.move_reason} (checkpointed)", event="moved",

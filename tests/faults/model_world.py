@@ -147,6 +147,7 @@ class ModelCloud:
         self.workers: dict[str, ModelWorker] = {}
         self.handling: Envelope | None = None
         self.wrongly_stopped: list[str] = []
+        self.terminations_failing = 0  # the next this many terminate calls fail (the cloud erred)
         self._launches = 0
 
     async def start(self) -> None: ...
@@ -173,6 +174,9 @@ class ModelCloud:
             self.workers[instance_id].alive = False
 
     async def terminate(self, instance_id: str) -> None:
+        if self.terminations_failing:
+            self.terminations_failing -= 1
+            raise RuntimeError("the cloud did not answer")
         handling = self.handling
         if handling is not None and handling.sender != worker_address(instance_id) and self.live(instance_id):
             self.wrongly_stopped.append(f"{instance_id} stopped while handling {handling.type} from {handling.sender}")

@@ -219,3 +219,22 @@ def test_a_late_job_failed_of_the_old_machine_never_fails_the_job_on_the_new_one
     [job] = world.jobs_now()
     assert world.cloud.live(new) and job.state == JobState.PROVISIONING, job
     world.calm_down()
+
+
+def test_a_final_checkpoint_handled_again_after_a_failed_release_requeues_the_job(world: World) -> None:
+    """The first handling ends the attempt (PREEMPTED) and fails to let the machine go; the copy
+    delivered again is fenced out. The ending must still be finished, not left half-done (it was
+    left PREEMPTED for good, its machine held, until the master restarted)."""
+    running_job(world)
+    [worker] = world.running_workers()
+    world.spot_notice(worker)
+    world.cloud.terminations_failing = 1
+    with pytest.raises(RuntimeError):
+        world.deliver_everything()
+    [job] = world.jobs_now()
+    assert job.state == JobState.PREEMPTED
+    world.deliver_everything()  # delivered again: fenced (the job has left the machine), acked
+    world.time_passes(30)  # the master's pass over machines no job needs finishes the ending
+    [job] = world.jobs_now()
+    assert job.state in (JobState.QUEUED, JobState.PROVISIONING) and job.preemptions == 1, job
+    world.calm_down()
