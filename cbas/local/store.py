@@ -1,53 +1,21 @@
 """JobStore on SQLite (WAL). Records are JSON; state and version are columns for queries.
-
-Every query runs on the store's own thread: a write waits for another process's lock (`cbas
-status`, a backup) for up to its busy timeout, and that wait must never be the event loop's."""
+The loop never waits for another process's lock (cbas.local.database)."""
 
 from __future__ import annotations
 
-import asyncio
-import os
 import sqlite3
-import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, TypeVar
 from pathlib import Path
+from typing import Any
 
 import structlog
 
 from cbas.backends import JobMutation, NotFound, StaleWrite, mutate_with_retries
+from cbas.local.database import Database
 from cbas.models import CheckpointRecord, Job, JobEvent, LedgerEntry, LedgerState, utcnow
 from cbas.state import JobState
 
 log = structlog.get_logger(__name__)
-T = TypeVar("T")
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS jobs (id TEXT PRIMARY KEY, state TEXT NOT NULL, version INTEGER NOT NULL, data TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
-CREATE TABLE IF NOT EXISTS ledger (id TEXT PRIMARY KEY, state TEXT NOT NULL, version INTEGER NOT NULL, data TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS checkpoints (job_id TEXT NOT NULL, id TEXT NOT NULL, data TEXT NOT NULL, PRIMARY KEY (job_id, id));
-CREATE TABLE IF NOT EXISTS events (seq INTEGER PRIMARY KEY AUTOINCREMENT, job_id TEXT NOT NULL, data TEXT NOT NULL);
-CREATE INDEX IF NOT EXISTS events_job ON events(job_id);
-CREATE TABLE IF NOT EXISTS seen_messages (id TEXT PRIMARY KEY, seen_at REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS seen_messages_by_time ON seen_messages (seen_at);
-CREATE TABLE IF NOT EXISTS endpoints (recipient TEXT PRIMARY KEY, url TEXT NOT NULL);
-"""
-
-
-def connect(path: Path) -> sqlite3.Connection:
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-    # every job's JDL and Environment are in it: 0600 before SQLite opens it (its -wal and -shm
-    # files take the database's mode)
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-    os.chmod(path, 0o600)
-    conn = sqlite3.connect(path, timeout=10.0, isolation_level=None, check_same_thread=False)
-    conn.execute("PRAGMA journal_mode=WAL")
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.executescript(_SCHEMA)
-    return conn
-
 
 SEEN_PRUNE_SECONDS = 10.0
 
@@ -57,25 +25,19 @@ class SqliteJobStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._conn = connect(path)
-        self._lock = threading.Lock()
+        self._db = Database(path)
         self._closed = False
         self._pruned_at = 0.0
-        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sqlite")  # one writer: no lock waits here
 
     def _execute(self, sql: str, params: tuple[object, ...] = ()) -> sqlite3.Cursor:
-        with self._lock:
-            return self._conn.execute(sql, params)
-
-    async def _off_loop(self, call: Callable[..., T], *args: Any) -> T:
-        return await asyncio.get_running_loop().run_in_executor(self._thread, call, *args)
+        return self._db.now(lambda conn: conn.execute(sql, params))
 
     async def _query(self, sql: str, params: tuple[object, ...] = ()) -> list[Any]:
-        return await self._off_loop(lambda: self._execute(sql, params).fetchall())
+        return await self._db.run(lambda conn: conn.execute(sql, params).fetchall())
 
     async def _change(self, sql: str, params: tuple[object, ...] = ()) -> int:
         """Rows changed."""
-        return await self._off_loop(lambda: self._execute(sql, params).rowcount)
+        return await self._db.run(lambda conn: conn.execute(sql, params).rowcount)
 
     async def create_job(self, job: Job) -> Job:
         try:
@@ -159,22 +121,22 @@ class SqliteJobStore:
         return [JobEvent.model_validate_json(row[0]) for row in rows]
 
     async def first_sighting(self, message_id: str, window_seconds: float) -> bool:
-        return await self._off_loop(self._first_sighting, message_id, window_seconds, time.time())
+        now = time.time()
+        return await self._db.run(lambda conn: self._first_sighting(conn, message_id, window_seconds, now))
 
-    def _first_sighting(self, message_id: str, window_seconds: float, now: float) -> bool:
-        with self._lock:
-            if now - self._pruned_at > SEEN_PRUNE_SECONDS:  # not on every message: it is the hot path
-                self._conn.execute("DELETE FROM seen_messages WHERE seen_at < ?", (now - window_seconds,))
-                self._pruned_at = now
-            cursor = self._conn.execute(
-                "INSERT OR IGNORE INTO seen_messages (id, seen_at) VALUES (?, ?)", (message_id, now)
-            )
-            if cursor.rowcount == 1:
-                return True
-            # seen before: a sighting older than the window (not yet pruned) counts as none
-            cursor = self._conn.execute("UPDATE seen_messages SET seen_at = ? WHERE id = ? AND seen_at < ?",
-                                        (now, message_id, now - window_seconds))
-            return cursor.rowcount == 1
+    def _first_sighting(self, conn: sqlite3.Connection, message_id: str, window_seconds: float, now: float) -> bool:
+        # each statement may run again on the waiting connection (the prune and the insert are
+        # idempotent, the update is conditional)
+        if now - self._pruned_at > SEEN_PRUNE_SECONDS:  # not on every message: it is the hot path
+            conn.execute("DELETE FROM seen_messages WHERE seen_at < ?", (now - window_seconds,))
+            self._pruned_at = now
+        cursor = conn.execute("INSERT OR IGNORE INTO seen_messages (id, seen_at) VALUES (?, ?)", (message_id, now))
+        if cursor.rowcount == 1:
+            return True
+        # seen before: a sighting older than the window (not yet pruned) counts as none
+        cursor = conn.execute("UPDATE seen_messages SET seen_at = ? WHERE id = ? AND seen_at < ?",
+                              (now, message_id, now - window_seconds))
+        return cursor.rowcount == 1
 
     async def seen(self, message_id: str, window_seconds: float) -> bool:
         rows = await self._query("SELECT seen_at FROM seen_messages WHERE id = ?", (message_id,))
@@ -183,9 +145,4 @@ class SqliteJobStore:
     async def close(self) -> None:
         if not self._closed:
             self._closed = True
-            await self._off_loop(self._close)
-            self._thread.shutdown(wait=False)
-
-    def _close(self) -> None:
-        with self._lock:
-            self._conn.close()
+            await self._db.close()
