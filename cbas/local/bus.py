@@ -19,6 +19,7 @@ import hmac
 import json
 import os
 import secrets
+from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -29,7 +30,7 @@ import structlog
 from cbas import jsonlimits
 from cbas.backends import DeliveryError, InvalidMessage, MessageRejected, envelope_of
 from cbas.jsonlimits import TooDeep
-from cbas.local.database import Database
+from cbas.local.database import connect
 from cbas.messages import Envelope
 
 log = structlog.get_logger(__name__)
@@ -64,7 +65,9 @@ class LocalMessageBus:
     def __init__(self, home: Path, db_path: Path, timeout: float = 10.0, delivery_retries: int = 3,
                  retry_seconds: float = 20.0) -> None:
         self._key = load_or_create_secret(home / "bus.key")
-        self._db = Database(db_path)  # the endpoints table
+        self._conn = connect(db_path)
+        # the endpoints table is SQLite: a query waits out another process's lock on its own thread
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bus-endpoints")
         self._timeout = aiohttp.ClientTimeout(total=timeout)
         self._session: aiohttp.ClientSession | None = None
         self.delivery_retries = delivery_retries  # 0: an unreachable recipient is the sender's DeliveryError
@@ -122,7 +125,8 @@ class LocalMessageBus:
         return message
 
     async def _query(self, sql: str, params: tuple[str, ...] = ()) -> list[Any]:
-        return await self._db.run(lambda conn: conn.execute(sql, params).fetchall())
+        return await asyncio.get_running_loop().run_in_executor(
+            self._thread, lambda: self._conn.execute(sql, params).fetchall())
 
     async def subscribe(self, recipient: str, url: str) -> None:
         await self._query("INSERT OR REPLACE INTO endpoints (recipient, url) VALUES (?, ?)", (recipient, url))
@@ -187,4 +191,5 @@ class LocalMessageBus:
         if self._session is not None:
             await self._session.close()
             self._session = None
-        await self._db.close()
+        await asyncio.get_running_loop().run_in_executor(self._thread, self._conn.close)
+        self._thread.shutdown(wait=False)
