@@ -21,6 +21,12 @@ def worker_address(instance_id: str) -> str:
     return f"worker/{instance_id}"
 
 
+def end_record_key(job_id: str, attempt: int) -> str:
+    """Where a worker leaves its attempt's end (the signed JOB_DONE or JOB_FAILED) before it reports
+    it: a machine lost before the master heard it does not take the job's end with it."""
+    return f"jobs/{job_id}/ends/attempt-{attempt}.json"
+
+
 class MessageType(StrEnum):
     # ADD_JOB and CANCEL_JOB are refused on the bus (cbas/master/gate.py): jobs are submitted and
     # cancelled only through the token-protected API; the types stay so the refusal can name them

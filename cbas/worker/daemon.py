@@ -96,7 +96,7 @@ class Worker:
         if self.job is not None:
             self.job.stop()
         self.job = JobRun(self.settings, self.instance_id, self.disk, self.job_blobs.blobs_for(start.job_id), start,
-                          self.outbox.deliver, self.volumes)
+                          self.outbox.deliver, self.volumes, sign=self.outbox.sign)
         self._job_task = asyncio.create_task(self._run_job(self.job))
 
     async def _run_job(self, job: JobRun) -> None:

@@ -23,7 +23,9 @@ from cbas.checkpoint.signalled import CHECKPOINT_EXIT_CODE
 from cbas.checkpoint.store import ChunkStore
 from cbas.faults import crash_point
 from cbas.logs import say_once
-from cbas.messages import MASTER, Envelope, JobDone, JobFailed, MessageType, StartJob, envelope, worker_address
+from cbas.messages import (
+    MASTER, Envelope, JobDone, JobFailed, MessageType, StartJob, end_record_key, envelope, worker_address,
+)
 from cbas.settings import Settings
 from cbas.untrusted import UnsafePath, tail, tree_size
 from cbas.worker import cgroups
@@ -37,18 +39,20 @@ log = structlog.get_logger(__name__)
 
 STDERR_TAIL_LINES = 20
 Deliver = Callable[[Envelope], Awaitable[bool]]
+Sign = Callable[[Envelope], Envelope]
 
 
 class JobRun:
     def __init__(
         self, settings: Settings, instance_id: str, disk: Path, blobs: BlobStore, start: StartJob, deliver: Deliver,
-        volumes: VolumeSnapshots | None = None,
+        volumes: VolumeSnapshots | None = None, sign: Sign = lambda message: message,
     ) -> None:
         self.settings = settings
         self.instance_id = instance_id
         self.blobs = blobs
         self.start = start
         self.deliver = deliver
+        self.sign = sign  # the machine's key: a recorded end is as trustworthy as a delivered one
         self.description = jdl.parse(start.jdl)
         self.checkpointer = checkpointer_for(self.description.checkpoint_strategy, settings.signal_checkpoint_timeout,
                                              settings.dmtcp_checkpoint_signal)
@@ -93,6 +97,18 @@ class JobRun:
 
     async def _report(self, type_: MessageType, body: object) -> bool:
         return await self.deliver(self._message(type_, body))
+
+    async def _report_end(self, type_: MessageType, body: JobDone | JobFailed) -> None:
+        """The job's end, recorded in the blob store before it is sent: if this machine is lost
+        before the master hears it, the master reads it there (cbas.master.recorded_ends)."""
+        message = self._message(type_, body)
+        try:
+            signed = self.sign(message).model_dump_json().encode()
+            await asyncio.to_thread(self.blobs.put_bytes, end_record_key(self.job_id, self.start.attempt), signed)
+        except Exception as exc:  # the report still goes; only a machine lost before it is at risk
+            self.log.warning("end.not_recorded", error=f"{type(exc).__name__}: {exc}")
+        crash_point("worker-end-recorded")
+        await self.deliver(message)
 
     def _open_store(self) -> ChunkStore:
         return ChunkStore(self.blobs, self.job_id, self.start.opened_checkpoint_key())
@@ -141,7 +157,7 @@ class JobRun:
             await self.checkpoints.reported()
         stderr_tail = tail(self.layout.stderr, STDERR_TAIL_LINES)
         await self._upload_logs_quietly()
-        await self._report(MessageType.JOB_FAILED, JobFailed(
+        await self._report_end(MessageType.JOB_FAILED, JobFailed(
             job_id=self.job_id, attempt=self.start.attempt, exit_code=code, reason=reason, stderr_tail=stderr_tail))
         self.phase = "done"
 
@@ -338,7 +354,7 @@ class JobRun:
         await self._upload_logs_quietly()
         if code == 0 and limit_hit is None:
             self.log.info("job.done", missing_outputs=missing)
-            await self._report(MessageType.JOB_DONE, JobDone(
+            await self._report_end(MessageType.JOB_DONE, JobDone(
                 job_id=self.job_id, attempt=self.start.attempt, exit_code=0, missing_outputs=missing))
             self.phase = "done"
         else:
