@@ -7,6 +7,7 @@ from __future__ import annotations
 import structlog
 
 from cbas import authority
+from cbas.master.recorded_ends import end_of
 from cbas.master.service import Master
 from cbas.messages import (
     CheckpointDone, CheckpointFailure, Envelope, JobDone, JobFailed, MessageRegistry, MessageType, Ping, SpotNotice,
@@ -53,19 +54,14 @@ async def on_spot_notice(master: Master, message: Envelope, body: SpotNotice) ->
 @registry.handler(MessageType.JOB_DONE)
 async def on_job_done(master: Master, message: Envelope, body: JobDone) -> None:
     structlog.contextvars.bind_contextvars(job_id=body.job_id)
-    await master.job_finished(
-        body.job_id, body.attempt, ok=True,
-        update={"exit_code": body.exit_code, "missing_outputs": body.missing_outputs},
-        detail="exit code 0" + (f"; missing outputs: {', '.join(body.missing_outputs)}" if body.missing_outputs else ""),
-        instance_id=message.sender.removeprefix("worker/"),
-    )
+    ok, update, detail = end_of(body)
+    await master.job_finished(body.job_id, body.attempt, ok=ok, update=update, detail=detail,
+                              instance_id=message.sender.removeprefix("worker/"))
 
 
 @registry.handler(MessageType.JOB_FAILED)
 async def on_job_failed(master: Master, message: Envelope, body: JobFailed) -> None:
     structlog.contextvars.bind_contextvars(job_id=body.job_id)
-    await master.job_finished(
-        body.job_id, body.attempt, ok=False,
-        update={"exit_code": body.exit_code, "error": body.reason, "stderr_tail": body.stderr_tail},
-        detail=body.reason, instance_id=message.sender.removeprefix("worker/"),
-    )
+    ok, update, detail = end_of(body)
+    await master.job_finished(body.job_id, body.attempt, ok=ok, update=update, detail=detail,
+                              instance_id=message.sender.removeprefix("worker/"))

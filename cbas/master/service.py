@@ -4,7 +4,8 @@ Its parts are mixins, one concern each, every one built on the parts it calls:
 transitions.py (every state change: guards, fencing, run-time accounting) under all;
 placement.py (the scheduling pass, moves) on it; restarts.py (attempts that end early, and the
 watchdogs) on it; worker_events.py (what workers say) and recovery.py (reconciling with the
-store after a restart, and every so often) on restarts. What they share of the Master is
+store after a restart, and every so often) on restarts; recorded_ends.py (the end a lost
+machine's worker left in the blob store, read before its job restarts) on worker events. What they share of the Master is
 declared in parts.py. docs/architecture.md draws the map.
 """
 
@@ -28,11 +29,11 @@ from cbas.master.job_images import JobImages
 from cbas.master.metrics import Metrics
 from cbas.master.placement import Placement
 from cbas.master.reaper import Reaper
+from cbas.master.recorded_ends import RecordedEnds
 from cbas.master.recovery import Recovery
 from cbas.master.resource_manager import ResourceManager
 from cbas.master.scheduler_adapter import SchedulerAdapter
 from cbas.master.views import job_view
-from cbas.master.worker_events import WorkerEvents
 from cbas.master.worker_manager import WorkerManager
 from cbas.messages import MASTER, Envelope, MessageType, StopJob, envelope, worker_address
 from cbas.models import Job, LedgerEntry
@@ -64,7 +65,7 @@ def new_job_id() -> str:
     return secrets.token_hex(4)
 
 
-class Master(Placement, WorkerEvents, Recovery):
+class Master(Placement, RecordedEnds, Recovery):
     def __init__(self, settings: Settings, backends: Backends, workers: WorkerManager | None = None) -> None:
         self.settings = settings
         self.store = backends.store
