@@ -65,3 +65,16 @@ def test_master_and_worker_killed_together(cluster: Cluster) -> None:
     del cluster.env["CBAS_CRASH_AT"]
     run_to_the_end(cluster, job_id, master_dies=True)
     assert (cluster.home / "crashed.checkpoint-recorded").exists()
+
+
+def test_a_worker_killed_after_recording_its_end_but_before_reporting_it_is_not_run_again(
+        cluster: Cluster) -> None:
+    """Its end is in the blob store before it is sent: the master, giving the silent machine up,
+    reads it there instead of running the job again from its last checkpoint."""
+    cluster.market(CALM)
+    crash_once(cluster, "worker-end-recorded")
+    cluster.start_master()
+    job = run_to_the_end(cluster, submit(cluster), master_dies=False)
+    assert (cluster.home / "crashed.worker-end-recorded").exists()
+    assert job["restarts"] == 0, job["events"]
+    assert any("recorded" in event["detail"] for event in job["events"] if event["kind"] == "completed"), job["events"]
