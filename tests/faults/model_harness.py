@@ -56,7 +56,8 @@ class World:
         self.loop = asyncio.new_event_loop()
         self.clock = Clock()
         self.network = Network()
-        self.cloud = ModelCloud(self.network, self.clock)
+        self.blobs = FolderBlobStore(self.home / "blobs")  # the workers' and the master's
+        self.cloud = ModelCloud(self.network, self.clock, self.blobs)
         self.bus = RecordingBus(self.network)
         self.settings = Settings(home=self.home, batch_window=0.0, restart_stall_timeout=1e9)
         self.master: Master | None = None
@@ -109,7 +110,7 @@ class World:
 
     # --- the master -------------------------------------------------------------------------------
     def master_up(self) -> None:
-        backends = Backends(store=SqliteJobStore(db_path(self.settings)), blobs=FolderBlobStore(self.home / "blobs"),
+        backends = Backends(store=SqliteJobStore(db_path(self.settings)), blobs=self.blobs,
                             bus=self.bus, cloud=self.cloud)
         self.master = Master(self.settings, backends, workers=WorkerManager(self.settings, clock=self.clock))
         self.inbox = Inbox(self.master)

@@ -12,10 +12,10 @@ from datetime import datetime, timezone
 
 from cbas import authority
 from cbas.authority import Credential
-from cbas.backends import Leftover
+from cbas.backends import BlobStore, Leftover
 from cbas.messages import (
     MASTER, Ack, CheckpointDone, CheckpointNow, Envelope, JobDone, MessageType, Ping, SpotNotice, StartJob,
-    StopJob, WorkerStarted, envelope, worker_address,
+    StopJob, WorkerStarted, end_record_key, envelope, worker_address,
 )
 from cbas.models import LaunchSpec, Machine, Offer
 
@@ -53,9 +53,10 @@ class Result:
 
 
 class ModelWorker:
-    def __init__(self, instance_id: str, job_id: str, credential: Credential, network: Network, clock: Clock) -> None:
+    def __init__(self, instance_id: str, job_id: str, credential: Credential, network: Network, clock: Clock,
+                 blobs: BlobStore) -> None:
         self.instance_id, self.job_id, self.credential = instance_id, job_id, credential
-        self.network, self.clock = network, clock
+        self.network, self.clock, self.blobs = network, clock, blobs
         self.address = worker_address(instance_id)
         self.attempt: int | None = None
         self.phase = "idle"  # idle | running | done
@@ -65,13 +66,15 @@ class ModelWorker:
         self.reclaim_at: float | None = None
         self._fact(MessageType.WORKER_STARTED, WorkerStarted(instance_id=instance_id))
 
-    def _send(self, kind: MessageType, body: object) -> Envelope:
+    def _send(self, kind: MessageType, body: object, record_at: str | None = None) -> Envelope:
         message = authority.sign(envelope(kind, body, self.address, MASTER), self.credential)  # type: ignore[arg-type]
+        if record_at is not None:  # kept in the blob store before it is sent (cbas.worker.job_run)
+            self.blobs.put_bytes(record_at, message.model_dump_json().encode())
         self.network.to_master.append(InFlight(message))
         return message
 
-    def _fact(self, kind: MessageType, body: object) -> None:
-        message = self._send(kind, body)
+    def _fact(self, kind: MessageType, body: object, record_at: str | None = None) -> None:
+        message = self._send(kind, body, record_at)
         self.unacknowledged[message.id] = message
 
     def ping(self) -> None:
@@ -112,7 +115,8 @@ class ModelWorker:
         self.phase = "done"
         # which attempt produced the result travels in it (as a real job's output would)
         self._fact(MessageType.JOB_DONE, JobDone(job_id=self.job_id, attempt=self.attempt, exit_code=0,
-                                                 missing_outputs=[f"{self.instance_id}/{self.attempt}"]))
+                                                 missing_outputs=[f"{self.instance_id}/{self.attempt}"]),
+                   record_at=end_record_key(self.job_id, self.attempt))
         return Result(self.instance_id, self.attempt)
 
     def receive(self, message: Envelope) -> None:
@@ -141,8 +145,8 @@ class ModelCloud:
     """Machines as records; each launch boots a ModelWorker. `terminations` says who stopped what,
     and while the master handles a message, `handling` names its sender."""
 
-    def __init__(self, network: Network, clock: Clock) -> None:
-        self.network, self.clock = network, clock
+    def __init__(self, network: Network, clock: Clock, blobs: BlobStore) -> None:
+        self.network, self.clock, self.blobs = network, clock, blobs
         self.machines: dict[str, Machine] = {}
         self.workers: dict[str, ModelWorker] = {}
         self.handling: Envelope | None = None
@@ -164,7 +168,8 @@ class ModelCloud:
                           tags={"cbas:cluster": "default", "cbas:ledger": spec.ledger_id, "cbas:job": spec.job_id})
         self.machines[instance_id] = machine
         credential = Credential(spec.ledger_id, bytes.fromhex(spec.machine_key.get_secret_value()))
-        self.workers[instance_id] = ModelWorker(instance_id, spec.job_id, credential, self.network, self.clock)
+        self.workers[instance_id] = ModelWorker(instance_id, spec.job_id, credential, self.network, self.clock,
+                                                   self.blobs)
         return machine
 
     def gone(self, instance_id: str) -> None:

@@ -238,3 +238,18 @@ def test_a_final_checkpoint_handled_again_after_a_failed_release_requeues_the_jo
     [job] = world.jobs_now()
     assert job.state in (JobState.QUEUED, JobState.PROVISIONING) and job.preemptions == 1, job
     world.calm_down()
+
+
+def test_a_job_whose_machine_was_lost_after_it_finished_completes_with_its_result(world: World) -> None:
+    """Its JOB_DONE never arrives (the machine and its outbox are gone), but the end it recorded in
+    the blob store before sending is read when the master gives up on the machine: not run again."""
+    running_job(world)
+    [worker] = world.running_workers()
+    assert worker.finish() is not None
+    world.network.to_master.clear()
+    world.cloud.gone(worker.instance_id)
+    world.time_passes(400)  # no word from it: given up
+    [job] = world.jobs_now()
+    assert job.state == JobState.COMPLETED and job.restarts == 0, job
+    world.check()  # with the result of that attempt on that machine
+    world.calm_down()
