@@ -22,6 +22,10 @@ from cbas.state import JobState
 
 Clock = Callable[[], float]
 UNKNOWN_UP_HOURS = 24.0  # a market with capacity since before the master looked
+# EC2 says nothing about capacity until a launch fails: a market that refused one is left for
+# this long, doubled at each refusal in a row, before it is tried again
+RETRY_FULL_MARKET_SECONDS = (60.0, 1800.0)
+MarketKey = tuple[str, str, str]  # zone, instance type, spot or on-demand
 
 
 @dataclass(frozen=True)
@@ -39,15 +43,49 @@ class SchedulerAdapter:
         self.keys: list[tuple[str, str]] = []
         self.history = AvailabilityHistory(0, UNKNOWN_UP_HOURS)
         self.offers: dict[tuple[str, str], Offer] = {}
+        self.full: dict[MarketKey, tuple[int, float]] = {}  # market -> refusals in a row, tried again after
 
     def observe(self, offers: list[Offer]) -> None:
         keys = sorted((o.zone, o.instance_type) for o in offers)
         if keys != self.keys:  # markets came or went: start the history again
             self.keys = keys
             self.history = AvailabilityHistory(len(keys), UNKNOWN_UP_HOURS)
-        self.offers = {(o.zone, o.instance_type): o for o in offers}
+        self.offers = {(o.zone, o.instance_type): self._as_tried(o) for o in offers}
         current = [self.offers[k] for k in keys]
         self.history.observe(self.clock() / 3600.0, [o.available for o in current], [o.spot_price for o in current])
+
+    # --- capacity, as launches tell it --------------------------------------------------------
+    def launch_refused(self, placement: Placement) -> float:
+        """A launch found no capacity: that market is left until the time returned (epoch s)."""
+        key = (placement.zone, placement.instance_type, placement.market)
+        refusals = self.full.get(key, (0, 0.0))[0] + 1
+        first, longest = RETRY_FULL_MARKET_SECONDS
+        until = self.clock() + min(longest, first * 2 ** (refusals - 1))
+        self.full[key] = (refusals, until)
+        offer = self.offers.get(key[:2])
+        if offer is not None:
+            self.offers[key[:2]] = self._as_tried(offer)
+        return until
+
+    def launched(self, placement: Placement) -> None:
+        self.full.pop((placement.zone, placement.instance_type, placement.market), None)
+
+    def _refusing(self, zone: str, kind: str, market: str) -> bool:
+        return self.full.get((zone, kind, market), (0, 0.0))[1] > self.clock()
+
+    def _as_tried(self, offer: Offer) -> Offer:
+        """The offer with spot capacity as the last launches found it."""
+        if offer.available and self._refusing(offer.zone, offer.instance_type, "spot"):
+            return offer.model_copy(update={"available": False})
+        return offer
+
+    def _ondemand(self, offers: list[Offer]) -> list[Offer]:
+        return [o for o in offers if not self._refusing(o.zone, o.instance_type, "on-demand")]
+
+    def retry_at(self, types: list[str]) -> float | None:
+        """When the first of these types' refusing markets may be tried again, if any refuses."""
+        times = [until for (_, kind, _), (_, until) in self.full.items() if kind in types and until > self.clock()]
+        return min(times, default=None)
 
     # --- the job's numbers ----------------------------------------------------------------------
     @staticmethod
@@ -85,11 +123,16 @@ class SchedulerAdapter:
             restart_hours=restart,
             mode=mode,
             warming_hours=0.0,
-            markets=[MarketNow(self.offers[key].spot_price, self.offers[key].available,
-                               self.history.residual_up(index[key], now_hours, restart) if self.offers[key].available else 0.0)
-                     for key in markets],
-            cheapest_seen=self.history.cheapest_seen,
+            markets=[MarketNow(self.offers[key].spot_price, up,
+                               self.history.residual_up(index[key], now_hours, restart) if up else 0.0)
+                     for key, up in ((key, self._within(self.offers[key], description.max_price)) for key in markets)],
+            cheapest_seen=self.history.cheapest_seen([index[key] for key in markets]),
         )
+
+    @staticmethod
+    def _within(offer: Offer, max_price: float | None) -> bool:
+        """Spot capacity at or under the job's MaxPrice (EC2 would refuse a launch above it)."""
+        return offer.available and (max_price is None or offer.spot_price <= max_price)
 
     def _markets(self, types: list[str]) -> list[tuple[str, str]]:
         return [key for key in self.keys if key[1] in types]
@@ -98,14 +141,17 @@ class SchedulerAdapter:
     def place(self, job: Job, description: JobDescription, types: list[str]) -> Decision:
         """Where a queued job should run now, if anywhere."""
         offers = [self.offers[key] for key in self._markets(types)]
-        if job.stalled_attempts >= self.settings.max_stalled_attempts and offers:
-            best = min(offers, key=lambda o: o.ondemand_price)  # a machine that stays until a checkpoint
+        ondemand = self._ondemand(offers)
+        if job.stalled_attempts >= self.settings.max_stalled_attempts and ondemand:
+            best = min(ondemand, key=lambda o: o.ondemand_price)  # a machine that stays until a checkpoint
             return Decision("launch", Placement(best.zone, best.instance_type, "on-demand", best.ondemand_price),
                             f"on-demand: {job.stalled_attempts} attempts in a row were lost before a checkpoint")
         if not self.deadline_aware(description):
-            placement = cheapest_spot(types, description.max_price, offers)
+            placement = cheapest_spot(types, description.max_price, offers, ondemand=ondemand)
             if placement is None:
-                return Decision("wait", reason="no market within the max price")
+                return Decision("wait", reason=self._no_market_reason(types, description.max_price))
+            if placement.market == "on-demand":
+                return Decision("launch", placement, "on-demand: no spot market within the max price has capacity")
             return Decision("launch", placement, "cheapest spot market with capacity")
         markets = self._markets(types)
         situation = self._situation(job, description, markets, WAIT)
@@ -113,7 +159,9 @@ class SchedulerAdapter:
         if choice == WAIT:
             return Decision("wait", reason="waiting for spot capacity at a good price; the deadline still allows it")
         if choice == ON_DEMAND:
-            best = min(offers, key=lambda o: o.ondemand_price)
+            if not ondemand:
+                return Decision("wait", reason=self._no_market_reason(types, None))
+            best = min(ondemand, key=lambda o: o.ondemand_price)
             cost = best.ondemand_price * (situation.remaining_hours + situation.restart_hours)
             return Decision("launch", Placement(best.zone, best.instance_type, "on-demand", best.ondemand_price),
                             "on-demand: the slack left only covers the work and a restart", cost)
@@ -124,6 +172,13 @@ class SchedulerAdapter:
         return Decision("launch", Placement(zone, kind, "spot", offer.spot_price),
                         f"spot: lowest price per useful hour (expected {stay:.1f} h of capacity)",
                         per_hour * (situation.remaining_hours + situation.restart_hours))
+
+    def _no_market_reason(self, types: list[str], max_price: float | None) -> str:
+        retry = self.retry_at(types)
+        if retry is None:
+            return "no market within the max price" if max_price is not None else "no market offers capacity"
+        when = time.strftime("%H:%M:%S", time.gmtime(retry))
+        return f"no market has capacity for {', '.join(types)}: launches were refused; tried again at {when} UTC"
 
     def review(self, job: Job, description: JobDescription, types: list[str], machine: LedgerEntry) -> Decision:
         """Whether a running job should stay on its machine, move, or checkpoint before a likely loss."""

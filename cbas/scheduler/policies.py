@@ -124,12 +124,12 @@ class AvailabilityHistory:
         self.last_seen = [False] * markets
         self.seen_rise = [False] * markets
         self.observed = False
-        self.cheapest_seen = float("inf")
+        self.cheapest = [float("inf")] * markets  # each market's lowest spot price seen with capacity
 
     def observe(self, hours: float, available: list[bool], prices: list[float]) -> None:
         for m, up in enumerate(available):
             if up:
-                self.cheapest_seen = min(self.cheapest_seen, prices[m])
+                self.cheapest[m] = min(self.cheapest[m], prices[m])
             if up and not self.last_seen[m]:
                 self.up_since[m] = hours
                 self.seen_rise[m] = self.observed
@@ -142,6 +142,12 @@ class AvailabilityHistory:
                 self.suffix[m] = suffix
             self.last_seen[m] = up
         self.observed = True
+
+    def cheapest_seen(self, markets: list[int] | None = None) -> float:
+        """The lowest spot price seen with capacity in these markets (all by default): a spike is
+        judged against the job's own markets, never a cheaper type's."""
+        return min((self.cheapest[m] for m in (range(len(self.cheapest)) if markets is None else markets)),
+                   default=float("inf"))
 
     def residual_up(self, m: int, hours: float, floor: float) -> float:
         age = hours - self.up_since[m]
@@ -178,7 +184,8 @@ def cbas_choice(now: Situation, step_hours: float) -> int:
         stay = max(now.markets[m].residual_up_hours, step_hours)
         return now.markets[m].price / (1.0 - min(0.9, restart / stay))
 
-    cost = {m: per_useful_hour(m) for m in choices}
+    # the machine's own market is weighed even when it shows no capacity (live, before its notice)
+    cost = {m: per_useful_hour(m) for m in choices + ([now.mode] if running else [])}
     best = min(choices, key=cost.__getitem__)
     slack_share = slack / max(now.slack_hours, step_hours)
     spike = slack_share > 0.5 and now.markets[best].price > 1.5 * now.cheapest_seen
@@ -232,7 +239,7 @@ class Cbas(_Base):
             warming_hours=now.warming,
             markets=[MarketNow(m.price[index], up, self.history.residual_up(i, hours, self.job.restart_hours) if up else 0.0)
                      for i, (m, up) in enumerate(zip(markets, available))],
-            cheapest_seen=self.history.cheapest_seen,
+            cheapest_seen=self.history.cheapest_seen(),
         ), self.step)
 
 

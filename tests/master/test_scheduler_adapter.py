@@ -119,3 +119,35 @@ def test_a_job_whose_checkpoint_outlasts_the_notice_checkpoints_before_a_likely_
     quick = slow.model_copy(update={"checkpoint_seconds": 1.0})  # fits in the notice: nothing to gain
     assert adapter.review(quick, description, ["c5.large"], running_on("a")).action == "keep"
     assert adapter.review(slow, description, ["c5.large"], running_on("a", "on-demand")).action == "keep"
+
+
+def test_a_running_job_whose_market_shows_no_capacity_is_reviewed_without_error() -> None:
+    """The market a machine runs on may show no spot capacity before its notice comes: the
+    scheduling pass must still decide (it raised KeyError in cbas_choice and aborted the pass)."""
+    adapter, _, job, description = setup(deadline="40h", runtime="30h")
+    job = job.model_copy(update={"state": JobState.RUNNING})
+    adapter.observe([offer("a", 0.03, available=False), offer("b", 0.04)])
+    decision = adapter.review(job, description, ["c5.large"], running_on("a"))
+    assert decision.action in ("keep", "move", "checkpoint")
+
+
+def test_a_price_spike_is_judged_against_the_jobs_own_instance_types() -> None:
+    """A cheap small type elsewhere in the market must not make a big type's price look like a
+    spike (the job waited half its slack and was moved off its machine for it)."""
+    adapter, _, job, description = setup(deadline="12h", runtime="4h")
+    adapter.observe([offer("a", 0.90, kind="p3.2xlarge"), offer("a", 0.01, kind="m3.medium")])
+    decision = adapter.place(job, description, ["p3.2xlarge"])
+    assert decision.action == "launch" and decision.placement is not None
+    running = job.model_copy(update={"state": JobState.RUNNING})
+    machine = running_on("a").model_copy(update={"instance_type": "p3.2xlarge", "price": 0.90})
+    assert adapter.review(running, description, ["p3.2xlarge"], machine).action == "keep"
+
+
+def test_a_deadline_job_never_launches_spot_above_its_max_price() -> None:
+    adapter, _, job, _ = setup()
+    description = jdl.parse(job.jdl + " MaxPrice = 0.03;")
+    adapter.observe([offer("a", 0.05), offer("b", 0.04)])
+    assert adapter.place(job, description, ["c5.large"]).action == "wait"
+    adapter.observe([offer("a", 0.05), offer("b", 0.025)])
+    decision = adapter.place(job, description, ["c5.large"])
+    assert decision.placement is not None and decision.placement.zone == "b"
