@@ -21,6 +21,7 @@ from cbas.models import DiskSpec, Job, JobEvent, LedgerEntry, Offer, from_epoch,
 from cbas.state import JobState
 
 log = structlog.get_logger(__name__)
+LAUNCH_TRIES_PER_PASS = 3  # markets tried for one job in one pass when launches find no capacity
 
 
 def on_machine(job: Job, instance_id: str) -> bool:
@@ -83,19 +84,23 @@ class Placement(Transitions):
             return
         if not await self.images.ready(job, description):
             return
-        decision = self.adapter.place(job, description, types)
-        if decision.action == "wait" or decision.placement is None:
-            if job.waiting_reason != decision.reason:  # an event when the reason changes, not every pass
-                waiting = await self.store.mutate_job(job.id, lambda j: j.model_copy(
-                    update={"waiting_reason": decision.reason}) if j.state == JobState.QUEUED else None)
-                if waiting is not None:
-                    await self.store.add_event(JobEvent(job_id=job.id, kind="waiting", detail=decision.reason))
-            return
-        try:
-            entry = await self.resources.launch(job.id, decision.placement, description.max_price,
-                                                await self._disk_for(job, description))
-        except CapacityError as exc:
-            log.info("launch.no_capacity", job_id=job.id, error=str(exc))
+        for _ in range(LAUNCH_TRIES_PER_PASS):
+            decision = self.adapter.place(job, description, types)
+            if decision.action == "wait" or decision.placement is None:
+                await self._note_waiting(job, decision.reason)
+                return
+            try:
+                entry = await self.resources.launch(job.id, decision.placement, description.max_price,
+                                                    await self._disk_for(job, description))
+            except CapacityError as exc:  # EC2 tells capacity only this way: the next market is tried
+                until = self.adapter.launch_refused(decision.placement)
+                log.info("launch.no_capacity", job_id=job.id, error=str(exc), retry_at=until)
+                job = await self._note_waiting(job, f"no {decision.placement.market} capacity for "
+                                                    f"{decision.placement.instance_type} in {decision.placement.zone}")
+                continue
+            self.adapter.launched(decision.placement)
+            break
+        else:
             return
         assert entry.instance_id is not None
         self.workers.launched(entry.instance_id)
@@ -109,6 +114,17 @@ class Placement(Transitions):
             if current.instance_id != entry.instance_id:  # cancelled meanwhile
                 await self._release(job.id, entry.instance_id, reason="job no longer queued")
             # else: its worker announced itself first and placed the job already
+
+    async def _note_waiting(self, job: Job, reason: str) -> Job:
+        """The job's waiting reason, with an event when it changes (not at every pass)."""
+        if job.waiting_reason == reason:
+            return job
+        waiting = await self.store.mutate_job(job.id, lambda j: j.model_copy(
+            update={"waiting_reason": reason}) if j.state == JobState.QUEUED else None)
+        if waiting is None:
+            return job
+        await self.store.add_event(JobEvent(job_id=job.id, kind="waiting", detail=reason))
+        return waiting
 
     async def _disk_for(self, job: Job, description: jdl.JobDescription) -> DiskSpec:
         disk = DiskSpec(image_id=job.image_id)

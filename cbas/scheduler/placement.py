@@ -25,7 +25,9 @@ def cheapest_spot(
     max_price: float | None,
     offers: list[Offer],
     avoid: frozenset[tuple[str, str]] = frozenset(),
+    ondemand: list[Offer] | None = None,
 ) -> Placement | None:
+    """`ondemand`: the offers whose on-demand capacity may be tried (by default all of them)."""
     allowed = [offer for offer in offers if offer.instance_type in instance_types]
     spot = [
         offer for offer in allowed
@@ -36,8 +38,9 @@ def cheapest_spot(
     if spot:
         best = min(spot, key=lambda o: (o.spot_price, instance_types.index(o.instance_type), o.zone))
         return Placement(best.zone, best.instance_type, "spot", best.spot_price)
-    ondemand = [offer for offer in allowed if max_price is None or offer.ondemand_price <= max_price]
-    if ondemand:
-        best = min(ondemand, key=lambda o: (o.ondemand_price, instance_types.index(o.instance_type), o.zone))
+    fallback = [offer for offer in (allowed if ondemand is None else ondemand)
+                if offer.instance_type in instance_types and (max_price is None or offer.ondemand_price <= max_price)]
+    if fallback:
+        best = min(fallback, key=lambda o: (o.ondemand_price, instance_types.index(o.instance_type), o.zone))
         return Placement(best.zone, best.instance_type, "on-demand", best.ondemand_price)
     return None
