@@ -45,6 +45,10 @@ class Job(BaseModel):
     last_checkpoint_error: str | None = None  # why the newest failed checkpoint did not count
     run_seconds: float = 0.0  # seconds spent RUNNING, summed over attempts
     running_since: datetime | None = None
+    # the work done, as a restart would find it (cbas.master.work): time running that no
+    # checkpoint saved is not progress
+    saved_work_seconds: float = 0.0  # the work the newest checkpoint holds
+    resumed_work_seconds: float = 0.0  # the work the current attempt started from
     cost: float = 0.0  # USD of machines already terminated
     predicted_cost: float | None = None  # USD the scheduler expected the job to cost, at its first placement
     provisioned_at: datetime | None = None  # when the current machine was asked for
@@ -106,6 +110,7 @@ class CheckpointRecord(BaseModel):
     upload_seconds: float
     reason: str  # interval | notice | final
     deadline_margin_seconds: float | None = None
+    work_seconds: float | None = None  # the job's work it holds (None: not known, a checkpoint from before)
     snapshot_id: str | None = None  # volume strategy: the EBS snapshot that holds the state
     created_at: datetime = Field(default_factory=utcnow)
     bad: bool = False  # failed verification on restore; never used again

@@ -17,6 +17,7 @@ import structlog
 from cbas.master.timers import Deadlines
 from cbas.master.transitions import Transitions
 from cbas.master.views import describe
+from cbas.master.work import resumed_from
 from cbas.models import Job
 from cbas.state import JobState
 
@@ -113,8 +114,11 @@ class Restarts(Transitions):
             return
         if job.restored_from:
             await self.store.mark_checkpoint_bad(job.id, job.restored_from)
+        good = [c for c in await self.store.list_checkpoints(job.id) if not c.bad]
+        saved = resumed_from(good[-1] if good else None)  # the work the checkpoint before it holds
         await self._restart_elsewhere(job.id, job.instance_id, f"{reason}; falling back to the checkpoint before it",
-                                      event="fallback", update=lambda j: {"fallbacks": j.fallbacks + 1})
+                                      event="fallback", update=lambda j: {"fallbacks": j.fallbacks + 1,
+                                                                          "saved_work_seconds": saved})
 
     async def _restart_elsewhere(self, job_id: str, instance_id: str | None, reason: str, event: str,
                                  update: Update) -> None:

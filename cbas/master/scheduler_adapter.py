@@ -13,7 +13,8 @@ from dataclasses import dataclass
 from typing import Callable, Literal
 
 from cbas.jdl import JobDescription, parse_deadline
-from cbas.models import Job, LedgerEntry, Offer
+from cbas.master.work import work_done
+from cbas.models import Job, LedgerEntry, Offer, from_epoch
 from cbas.scheduler.placement import Placement, cheapest_spot
 from cbas.scheduler.policies import AvailabilityHistory, MarketNow, Situation, cbas_choice, checkpoint_before_loss
 from cbas.scheduler.simulator import ON_DEMAND, WAIT
@@ -97,10 +98,8 @@ class SchedulerAdapter:
         return seconds / 3600.0
 
     def progress_hours(self, job: Job) -> float:
-        seconds = job.run_seconds
-        if job.state == JobState.RUNNING and job.running_since is not None:
-            seconds += self.clock() - job.running_since.timestamp()
-        return seconds / 3600.0
+        """The work done as a restart would find it (cbas.master.work), not time spent running."""
+        return work_done(job, from_epoch(self.clock())) / 3600.0
 
     def slack_hours(self, job: Job, description: JobDescription) -> float:
         """Hours to spare before the deadline; infinite for a job without one."""

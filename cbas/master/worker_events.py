@@ -19,6 +19,7 @@ from cbas.backends import ACCESS_REFRESH_BEFORE, AccessNotGranted, DeliveryError
 from cbas.faults import crash_point
 from cbas.master.restarts import Restarts
 from cbas.master.views import where
+from cbas.master.work import checkpointed_work, resumed_from
 from cbas.messages import MASTER, CheckpointFailure, DataAccess, MessageType, Ping, StartJob, envelope, worker_address
 from cbas.models import CheckpointRecord, Job, JobEvent, LedgerEntry, from_epoch, utcnow
 from cbas.state import JobState
@@ -55,6 +56,9 @@ def counted(job: Job, record: CheckpointRecord) -> dict[str, Any]:
         "attempt_checkpoints": job.attempt_checkpoints + (1 if job.attempt == record.attempt else 0),
         "last_checkpoint": max(record.id, job.last_checkpoint or ""),
         "stalled_attempts": 0, "last_checkpoint_error": None,
+        # the newest checkpoint is what a restart resumes from
+        "saved_work_seconds": record.work_seconds if record.work_seconds is not None
+        and record.id >= (job.last_checkpoint or "") else job.saved_work_seconds,
     }
 
 
@@ -100,7 +104,8 @@ class WorkerEvents(Restarts):
         """A new attempt: STARTING if the job is still PROVISIONING on this machine (a copy of the
         announcement handled at the same time finds it STARTING), then START_JOB with the
         checkpoints to restore, newest first."""
-        checkpoints = await self._restorable(job.id)
+        restorable = await self._restorable_records(job.id)
+        checkpoints = [c.id for c in restorable]
         started = await self.transition(
             job.id, JobState.STARTING, instance_id=instance_id, event="starting",
             detail=f"on {instance_id}" + (f", restoring {checkpoints[0]}" if checkpoints else ", fresh start"),
@@ -109,6 +114,7 @@ class WorkerEvents(Restarts):
                 "restarts": j.restarts + (1 if j.attempt > 0 else 0),
                 "restored_from": checkpoints[0] if checkpoints else None,
                 "attempt_checkpoints": 0,
+                "resumed_work_seconds": resumed_from(restorable[0] if restorable else None),
             },
         )
         if started is None:
@@ -119,9 +125,12 @@ class WorkerEvents(Restarts):
         self.workers.pinged(instance_id)  # its ping watchdog starts now
         await self._send_start(started, instance_id, checkpoints)
 
-    async def _restorable(self, job_id: str) -> list[str]:
-        good = [c.id for c in reversed(await self.store.list_checkpoints(job_id)) if not c.bad]
+    async def _restorable_records(self, job_id: str) -> list[CheckpointRecord]:
+        good = [c for c in reversed(await self.store.list_checkpoints(job_id)) if not c.bad]
         return good[: self.settings.checkpoints_kept]  # older ones are garbage-collected
+
+    async def _restorable(self, job_id: str) -> list[str]:
+        return [c.id for c in await self._restorable_records(job_id)]
 
     async def _send_start(self, job: Job, instance_id: str, checkpoints: list[str]) -> None:
         entry = await self.resources.entry_for(instance_id)
@@ -165,12 +174,24 @@ class WorkerEvents(Restarts):
             detail = f"attempt {ping.attempt}, " + (f"restored from {ping.restored_from}" if ping.restored_from else "fresh start")
             if ping.bad_checkpoints:
                 detail += f"; unusable checkpoints: {', '.join(ping.bad_checkpoints)}"
-            running = await self.transition(
-                ping.job_id, JobState.RUNNING, attempt=ping.attempt, instance_id=ping.instance_id,
-                event="running", detail=detail, update=lambda j: {
-                    "restored_from": ping.restored_from, "restart_seconds": measured_restart(j)})
+            offered: list[str | None] = []  # the checkpoint the start offered first (its work is assumed)
+
+            def update(j: Job) -> dict[str, Any]:
+                offered[:] = [j.restored_from]
+                return {"restored_from": ping.restored_from, "restart_seconds": measured_restart(j)}
+
+            running = await self.transition(ping.job_id, JobState.RUNNING, attempt=ping.attempt,
+                                            instance_id=ping.instance_id, event="running", detail=detail, update=update)
             if running is not None:
+                if offered != [ping.restored_from]:  # the worker restored another (the first did not verify)
+                    await self._resumed_from(running, ping.restored_from)
                 self._watch_progress(running)
+
+    async def _resumed_from(self, job: Job, checkpoint_id: str | None) -> None:
+        records = {c.id: c for c in await self.store.list_checkpoints(job.id)} if checkpoint_id else {}
+        work = resumed_from(records.get(checkpoint_id or ""))
+        await self.store.mutate_job(job.id, lambda j: j.model_copy(update={"resumed_work_seconds": work})
+                                    if j.attempt == job.attempt else None)
 
     async def _renew_access(self, ping: Ping, entry: LedgerEntry) -> None:
         """Fresh access for a worker whose access runs out soon. Stateless: the worker's ping says
@@ -194,6 +215,7 @@ class WorkerEvents(Restarts):
         if job.attempt != record.attempt or job.state.is_terminal():
             log.info("checkpoint.stale", job_id=job.id, checkpoint=record.id)
             return
+        record = record.model_copy(update={"work_seconds": checkpointed_work(job, record)})
         if await self.store.add_checkpoint(record):  # False: a copy of one recorded already
             await self._count_checkpoint(job, record)
         if final:  # the worker stopped the job after it: its attempt on the sender's machine is over
