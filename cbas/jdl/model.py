@@ -10,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 CheckpointStrategy = Literal["dmtcp", "directory", "signal", "volume"]
 CheckpointStorage = Literal["chunks", "volume"]
+MarketChoice = Literal["any", "spot", "on-demand"]
 MIB = 1 << 20
 
 _DURATION_PART = re.compile(r"(\d+(?:\.\d+)?)\s*([smhd])")
@@ -54,6 +55,9 @@ class JobDescription(BaseModel):
     # scheduler weigh spot against on-demand and never miss a deadline on-demand could meet
     runtime: str | None = None
     max_price: float | None = Field(default=None, gt=0)
+    # which machines it may run on: `spot` never falls back to on-demand (a deadline may then be
+    # missed), `on-demand` never uses spot
+    market: MarketChoice = "any"
     instance_types: tuple[str, ...] = ()
     environment: dict[str, str] = Field(default_factory=dict)
     # test-restore every checkpoint into a scratch folder before it counts

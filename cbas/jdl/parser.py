@@ -33,6 +33,7 @@ KEYS: dict[str, tuple[str, str]] = {
     "Deadline": ("deadline", "string"),
     "Runtime": ("runtime", "string"),
     "MaxPrice": ("max_price", "number"),
+    "Market": ("market", "string"),
     "InstanceTypes": ("instance_types", "list"),
     "Environment": ("environment", "environment"),
     "ValidateCheckpoint": ("validate_checkpoint", "boolean"),

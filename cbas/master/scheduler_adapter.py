@@ -140,7 +140,9 @@ class SchedulerAdapter:
     def place(self, job: Job, description: JobDescription, types: list[str]) -> Decision:
         """Where a queued job should run now, if anywhere."""
         offers = [self.offers[key] for key in self._markets(types)]
-        ondemand = self._ondemand(offers)
+        ondemand = [] if description.market == "spot" else self._ondemand(offers)
+        if description.market == "on-demand":
+            return self._on_demand_only(ondemand, types, description.max_price)
         if job.stalled_attempts >= self.settings.max_stalled_attempts and ondemand:
             best = min(ondemand, key=lambda o: o.ondemand_price)  # a machine that stays until a checkpoint
             return Decision("launch", Placement(best.zone, best.instance_type, "on-demand", best.ondemand_price),
@@ -157,6 +159,8 @@ class SchedulerAdapter:
         choice = cbas_choice(situation, self.settings.schedule_interval / 3600.0)
         if choice == WAIT:
             return Decision("wait", reason="waiting for spot capacity at a good price; the deadline still allows it")
+        if choice == ON_DEMAND and description.market == "spot":
+            return self._spot_anyway(situation, markets)
         if choice == ON_DEMAND:
             if not ondemand:
                 return Decision("wait", reason=self._no_market_reason(types, None))
@@ -171,6 +175,27 @@ class SchedulerAdapter:
         return Decision("launch", Placement(zone, kind, "spot", offer.spot_price),
                         f"spot: lowest price per useful hour (expected {stay:.1f} h of capacity)",
                         per_hour * (situation.remaining_hours + situation.restart_hours))
+
+    def _on_demand_only(self, ondemand: list[Offer], types: list[str], max_price: float | None) -> Decision:
+        within = [o for o in ondemand if max_price is None or o.ondemand_price <= max_price]
+        if not within:
+            return Decision("wait", reason="Market = on-demand: " + self._no_market_reason(types, max_price))
+        best = min(within, key=lambda o: (o.ondemand_price, types.index(o.instance_type), o.zone))
+        return Decision("launch", Placement(best.zone, best.instance_type, "on-demand", best.ondemand_price),
+                        "on-demand (Market = on-demand)")
+
+    def _spot_anyway(self, situation: Situation, markets: list[tuple[str, str]]) -> Decision:
+        """A spot-only job whose slack is gone: the best spot market now, since waiting longer
+        certainly misses the deadline; it may still be missed if the machine is reclaimed."""
+        up = [i for i, market in enumerate(situation.markets) if market.available]
+        if not up:
+            return Decision("wait", reason="Market = spot: no spot capacity, and the slack is gone: the deadline "
+                                           "will be missed unless capacity comes back soon")
+        best = min(up, key=lambda i: situation.markets[i].price)
+        zone, kind = markets[best]
+        return Decision("launch", Placement(zone, kind, "spot", situation.markets[best].price),
+                        "spot (Market = spot, no on-demand): the slack is gone; the deadline is missed if this "
+                        "machine is reclaimed")
 
     def _no_market_reason(self, types: list[str], max_price: float | None) -> str:
         retry = self.retry_at(types)
@@ -196,6 +221,8 @@ class SchedulerAdapter:
         choice = cbas_choice(self._situation(job, description, markets, mode), self.settings.schedule_interval / 3600.0)
         if choice == mode:
             return early
+        if choice == ON_DEMAND and description.market == "spot":
+            return early  # spot only: staying is the best it can do
         if choice == ON_DEMAND:
             return Decision("move", reason="switching to on-demand: the deadline is near")
         if choice == WAIT:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
 
+import pytest
+
 from cbas import jdl
 from cbas.master.scheduler_adapter import SchedulerAdapter
 from cbas.models import Job, LedgerEntry, LedgerState, Offer
@@ -151,3 +153,42 @@ def test_a_deadline_job_never_launches_spot_above_its_max_price() -> None:
     adapter.observe([offer("a", 0.05), offer("b", 0.025)])
     decision = adapter.place(job, description, ["c5.large"])
     assert decision.placement is not None and decision.placement.zone == "b"
+
+
+def test_a_spot_only_job_never_gets_on_demand() -> None:
+    adapter, clock, job, _ = setup()
+    description = jdl.parse(job.jdl + ' Market = "spot";')
+    adapter.observe([offer("a", 0.03, available=False)])
+    decision = adapter.place(job, description, ["c5.large"])
+    assert decision.action == "wait"
+    clock.now += timedelta(hours=5.9).total_seconds()  # the slack is gone: an "any" job goes on-demand
+    adapter.observe([offer("a", 0.03, available=False)])
+    decision = adapter.place(job, description, ["c5.large"])
+    assert decision.action == "wait" and "deadline will be missed" in decision.reason
+    adapter.observe([offer("a", 0.03)])
+    decision = adapter.place(job, description, ["c5.large"])
+    assert decision.placement is not None and decision.placement.market == "spot", decision
+    assert "deadline is missed if" in decision.reason
+    running = job.model_copy(update={"state": JobState.RUNNING})
+    assert adapter.review(running, description, ["c5.large"], running_on("a")).action == "keep"
+    # without a deadline, no spot capacity means waiting, never on-demand
+    plain = jdl.parse('Executable = "x"; Market = "spot";')
+    adapter.observe([offer("a", 0.03, available=False)])
+    assert adapter.place(job, plain, ["c5.large"]).action == "wait"
+    stalled = job.model_copy(update={"stalled_attempts": 5})
+    assert adapter.place(stalled, plain, ["c5.large"]).action == "wait"
+
+
+def test_an_on_demand_only_job_never_gets_spot() -> None:
+    adapter, _, job, _ = setup(deadline=None, runtime=None)
+    description = jdl.parse('Executable = "x"; Market = "on-demand";')
+    adapter.observe([offer("a", 0.01), offer("b", 0.02)])
+    decision = adapter.place(job, description, ["c5.large"])
+    assert decision.placement is not None and decision.placement.market == "on-demand", decision
+    capped = jdl.parse('Executable = "x"; Market = "on-demand"; MaxPrice = 0.05;')
+    assert adapter.place(job, capped, ["c5.large"]).action == "wait"  # on-demand is 0.085
+
+
+def test_market_accepts_only_what_it_knows() -> None:
+    with pytest.raises(jdl.JDLError, match="Market"):
+        jdl.parse('Executable = "x"; Market = "cheap";')
