@@ -150,7 +150,11 @@ class Cluster:
         return [r.machine.instance_id for r in self.records() if r.machine.state != "terminated"]
 
     def assert_nothing_left(self) -> None:
-        """No machine running and no process of any machine or job alive."""
+        """No machine running and no process of any machine or job alive (a machine's end may
+        still be under way: the master terminates it just after the job's end is recorded)."""
+        deadline = time.monotonic() + 30
+        while self.running_machines() and time.monotonic() < deadline:
+            time.sleep(0.1)
         assert self.running_machines() == []
         assert wait_until_gone(self.process_groups()) == []
 

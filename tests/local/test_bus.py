@@ -122,13 +122,13 @@ async def _until(condition, timeout: float = 5.0) -> None:
 async def test_like_sns_a_send_to_an_unreachable_recipient_succeeds_and_arrives_if_it_comes_back(
     bus: LocalMessageBus,
 ) -> None:
-    bus.delivery_retries, bus.retry_seconds = 3, 0.2
+    bus.delivery_retries, bus.retry_seconds = 15, 0.2  # 3 s: a loaded machine subscribes within it
     message = _message()
     await bus.send(message)  # nobody subscribed yet: the publish itself succeeds
     recipient = _Recipient(bus)
     async with recipient as url:
         await bus.subscribe("master", url)
-        await _until(lambda: recipient.got)
+        await _until(lambda: recipient.got, timeout=10.0)
     assert recipient.got == [message]
 
 
