@@ -158,7 +158,7 @@ class SchedulerAdapter:
         situation = self._situation(job, description, markets, WAIT)
         choice = cbas_choice(situation, self.settings.schedule_interval / 3600.0)
         if choice == WAIT:
-            return Decision("wait", reason="waiting for spot capacity at a good price; the deadline still allows it")
+            return Decision("wait", reason=self._wait_reason(situation, description.market == "spot"))
         if choice == ON_DEMAND and description.market == "spot":
             return self._spot_anyway(situation, markets)
         if choice == ON_DEMAND:
@@ -175,6 +175,17 @@ class SchedulerAdapter:
         return Decision("launch", Placement(zone, kind, "spot", offer.spot_price),
                         f"spot: lowest price per useful hour (expected {stay:.1f} h of capacity)",
                         per_hour * (situation.remaining_hours + situation.restart_hours))
+
+    def _wait_reason(self, situation: Situation, spot_only: bool) -> str:
+        """What a deadline job waits for, and until when: stable while it waits (absolute times), so
+        the event that shows it is not repeated at every pass."""
+        spare = situation.time_left_hours - situation.remaining_hours - 2 * situation.restart_hours
+        until = time.strftime("%H:%M", time.gmtime(self.clock() + max(0.0, spare) * 3600.0))
+        spiking = any(m.available for m in situation.markets) and situation.cheapest_seen < float("inf")
+        target = f"spot at or under ${1.5 * situation.cheapest_seen:.4f}/h" if spiking else "spot capacity"
+        then = f"from {until} UTC it takes any spot capacity (Market = spot)" if spot_only else \
+            f"on-demand from {until} UTC if none comes"
+        return f"waiting for {target}; {then}"
 
     def _on_demand_only(self, ondemand: list[Offer], types: list[str], max_price: float | None) -> Decision:
         within = [o for o in ondemand if max_price is None or o.ondemand_price <= max_price]

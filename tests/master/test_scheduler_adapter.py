@@ -192,3 +192,17 @@ def test_an_on_demand_only_job_never_gets_spot() -> None:
 def test_market_accepts_only_what_it_knows() -> None:
     with pytest.raises(jdl.JDLError, match="Market"):
         jdl.parse('Executable = "x"; Market = "cheap";')
+
+
+def test_a_wait_says_what_it_waits_for_and_until_when() -> None:
+    adapter, clock, job, description = setup()  # 4 h of work, 10 h to the deadline, restarts 0.1 h
+    adapter.observe([offer("a", 0.03, available=False)])
+    first = adapter.place(job, description, ["c5.large"])
+    assert first.action == "wait" and first.reason == "waiting for spot capacity; on-demand from 05:48 UTC if none comes"
+    clock.now += 600
+    adapter.observe([offer("a", 0.03, available=False)])
+    assert adapter.place(job, description, ["c5.large"]).reason == first.reason  # no new event at every pass
+    adapter.observe([offer("a", 0.01)])  # seen cheap once ...
+    adapter.observe([offer("a", 0.05)])  # ... then a spike
+    spike = adapter.place(job, description, ["c5.large"])
+    assert spike.action == "wait" and spike.reason.startswith("waiting for spot at or under $0.0150/h"), spike
