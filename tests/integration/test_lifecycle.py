@@ -225,5 +225,9 @@ def test_a_volume_job_restarts_on_a_disk_made_from_its_snapshot(cluster: Cluster
     assert (out / "output.txt").read_text() == expected_counter(150)
     resumed = [int(n) for n in re.findall(r"resuming at (\d+)", (out / "stdout").read_text())]
     assert len(resumed) == 1 and 0 < resumed[0] < 150  # from the snapshot, not from zero
-    assert list((cluster.home / "snapshots").iterdir()) == []  # every snapshot went with the finished job
+    # every snapshot goes with the finished job (deleted just after its end is recorded)
+    deadline = time.monotonic() + 30
+    while list((cluster.home / "snapshots").iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert list((cluster.home / "snapshots").iterdir()) == []
     cluster.assert_nothing_left()
