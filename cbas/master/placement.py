@@ -95,8 +95,11 @@ class Placement(Transitions):
             except CapacityError as exc:  # EC2 tells capacity only this way: the next market is tried
                 until = self.adapter.launch_refused(decision.placement)
                 log.info("launch.no_capacity", job_id=job.id, error=str(exc), retry_at=until)
-                job = await self._note_waiting(job, f"no {decision.placement.market} capacity for "
-                                                    f"{decision.placement.instance_type} in {decision.placement.zone}")
+                waiting = await self._note_waiting(job, f"no {decision.placement.market} capacity for "
+                                                        f"{decision.placement.instance_type} in {decision.placement.zone}")
+                if waiting is None:
+                    return  # no longer queued (cancelled meanwhile): nothing more to launch
+                job = waiting
                 continue
             self.adapter.launched(decision.placement)
             break
@@ -115,14 +118,15 @@ class Placement(Transitions):
                 await self._release(job.id, entry.instance_id, reason="job no longer queued")
             # else: its worker announced itself first and placed the job already
 
-    async def _note_waiting(self, job: Job, reason: str) -> Job:
-        """The job's waiting reason, with an event when it changes (not at every pass)."""
+    async def _note_waiting(self, job: Job, reason: str) -> Job | None:
+        """The job's waiting reason, with an event when it changes (not at every pass); None if
+        the job is no longer queued."""
         if job.waiting_reason == reason:
             return job
         waiting = await self.store.mutate_job(job.id, lambda j: j.model_copy(
             update={"waiting_reason": reason}) if j.state == JobState.QUEUED else None)
         if waiting is None:
-            return job
+            return None
         await self.store.add_event(JobEvent(job_id=job.id, kind="waiting", detail=reason))
         return waiting
 

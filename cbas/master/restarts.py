@@ -115,7 +115,7 @@ class Restarts(Transitions):
         if job.restored_from:
             await self.store.mark_checkpoint_bad(job.id, job.restored_from)
         good = [c for c in await self.store.list_checkpoints(job.id) if not c.bad]
-        saved = resumed_from(good[-1] if good else None)  # the work the checkpoint before it holds
+        saved = resumed_from(list(reversed(good)))  # the work the checkpoint before it holds
         await self._restart_elsewhere(job.id, job.instance_id, f"{reason}; falling back to the checkpoint before it",
                                       event="fallback", update=lambda j: {"fallbacks": j.fallbacks + 1,
                                                                           "saved_work_seconds": saved})

@@ -43,7 +43,8 @@ class SchedulerAdapter:
         self.clock = clock
         self.keys: list[tuple[str, str]] = []
         self.history = AvailabilityHistory(0, UNKNOWN_UP_HOURS)
-        self.offers: dict[tuple[str, str], Offer] = {}
+        self.offers: dict[tuple[str, str], Offer] = {}  # with the markets that refused launches unavailable
+        self.cloud_offers: dict[tuple[str, str], Offer] = {}
         self.full: dict[MarketKey, tuple[int, float]] = {}  # market -> refusals in a row, tried again after
 
     def observe(self, offers: list[Offer]) -> None:
@@ -51,6 +52,7 @@ class SchedulerAdapter:
         if keys != self.keys:  # markets came or went: start the history again
             self.keys = keys
             self.history = AvailabilityHistory(len(keys), UNKNOWN_UP_HOURS)
+        self.cloud_offers = {(o.zone, o.instance_type): o for o in offers}  # as the cloud says
         self.offers = {(o.zone, o.instance_type): self._as_tried(o) for o in offers}
         current = [self.offers[k] for k in keys]
         self.history.observe(self.clock() / 3600.0, [o.available for o in current], [o.spot_price for o in current])
@@ -110,6 +112,8 @@ class SchedulerAdapter:
         return (deadline - self.clock()) / 3600.0 - remaining
 
     def _situation(self, job: Job, description: JobDescription, markets: list[tuple[str, str]], mode: int) -> Situation:
+        """`mode` >= 0: the job runs in markets[mode], whose offer is the cloud's (another job's
+        refused launch says nothing of a machine already running there)."""
         runtime = description.runtime_hours() or 0.0
         deadline = parse_deadline(description.deadline or "", job.submitted_at)
         now_hours = self.clock() / 3600.0
@@ -124,9 +128,13 @@ class SchedulerAdapter:
             warming_hours=0.0,
             markets=[MarketNow(self.offers[key].spot_price, up,
                                self.history.residual_up(index[key], now_hours, restart) if up else 0.0)
-                     for key, up in ((key, self._within(self.offers[key], description.max_price)) for key in markets)],
+                     for key, up in ((key, self._within(self._offer_for(key, mode >= 0 and key == markets[mode]),
+                                                        description.max_price)) for key in markets)],
             cheapest_seen=self.history.cheapest_seen([index[key] for key in markets]),
         )
+
+    def _offer_for(self, key: tuple[str, str], running_there: bool) -> Offer:
+        return self.cloud_offers.get(key, self.offers[key]) if running_there else self.offers[key]
 
     @staticmethod
     def _within(offer: Offer, max_price: float | None) -> bool:
@@ -159,11 +167,9 @@ class SchedulerAdapter:
         choice = cbas_choice(situation, self.settings.schedule_interval / 3600.0)
         if choice == WAIT:
             return Decision("wait", reason=self._wait_reason(situation, description.market == "spot"))
-        if choice == ON_DEMAND and description.market == "spot":
-            return self._spot_anyway(situation, markets)
+        if choice == ON_DEMAND and not ondemand:  # spot only, or every on-demand market refused
+            return self._spot_anyway(situation, markets, spot_only=description.market == "spot")
         if choice == ON_DEMAND:
-            if not ondemand:
-                return Decision("wait", reason=self._no_market_reason(types, None))
             best = min(ondemand, key=lambda o: o.ondemand_price)
             cost = best.ondemand_price * (situation.remaining_hours + situation.restart_hours)
             return Decision("launch", Placement(best.zone, best.instance_type, "on-demand", best.ondemand_price),
@@ -195,18 +201,19 @@ class SchedulerAdapter:
         return Decision("launch", Placement(best.zone, best.instance_type, "on-demand", best.ondemand_price),
                         "on-demand (Market = on-demand)")
 
-    def _spot_anyway(self, situation: Situation, markets: list[tuple[str, str]]) -> Decision:
-        """A spot-only job whose slack is gone: the best spot market now, since waiting longer
+    def _spot_anyway(self, situation: Situation, markets: list[tuple[str, str]], spot_only: bool) -> Decision:
+        """A job whose slack is gone and that cannot have on-demand (Market = spot, or every
+        on-demand market refused its launches): the best spot market now, since waiting longer
         certainly misses the deadline; it may still be missed if the machine is reclaimed."""
+        why = "Market = spot" if spot_only else "on-demand launches were refused"
         up = [i for i, market in enumerate(situation.markets) if market.available]
         if not up:
-            return Decision("wait", reason="Market = spot: no spot capacity, and the slack is gone: the deadline "
+            return Decision("wait", reason=f"{why}: no spot capacity, and the slack is gone: the deadline "
                                            "will be missed unless capacity comes back soon")
         best = min(up, key=lambda i: situation.markets[i].price)
         zone, kind = markets[best]
         return Decision("launch", Placement(zone, kind, "spot", situation.markets[best].price),
-                        "spot (Market = spot, no on-demand): the slack is gone; the deadline is missed if this "
-                        "machine is reclaimed")
+                        f"spot ({why}): the slack is gone; the deadline is missed if this machine is reclaimed")
 
     def _no_market_reason(self, types: list[str], max_price: float | None) -> str:
         retry = self.retry_at(types)
@@ -232,8 +239,9 @@ class SchedulerAdapter:
         choice = cbas_choice(self._situation(job, description, markets, mode), self.settings.schedule_interval / 3600.0)
         if choice == mode:
             return early
-        if choice == ON_DEMAND and description.market == "spot":
-            return early  # spot only: staying is the best it can do
+        if choice == ON_DEMAND and (description.market == "spot" or not self._ondemand(
+                [self.offers[key] for key in markets])):
+            return early  # no on-demand to go to: staying is the best it can do
         if choice == ON_DEMAND:
             return Decision("move", reason="switching to on-demand: the deadline is near")
         if choice == WAIT:

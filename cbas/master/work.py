@@ -29,6 +29,8 @@ def work_done(job: Job, now: datetime) -> float:
     return job.saved_work_seconds
 
 
-def resumed_from(record: CheckpointRecord | None) -> float:
-    """The work an attempt restoring `record` (None: a fresh start) starts from."""
-    return (record.work_seconds or 0.0) if record is not None else 0.0
+def resumed_from(records: list[CheckpointRecord]) -> float:
+    """The work an attempt restoring records[0] starts from (records: newest first; none: a fresh
+    start). A checkpoint whose work is not known (it came while its attempt was not running, or
+    is from before work was recorded) holds at least what the newest older one known holds."""
+    return next((r.work_seconds for r in records if r.work_seconds is not None), 0.0)

@@ -114,7 +114,7 @@ class WorkerEvents(Restarts):
                 "restarts": j.restarts + (1 if j.attempt > 0 else 0),
                 "restored_from": checkpoints[0] if checkpoints else None,
                 "attempt_checkpoints": 0,
-                "resumed_work_seconds": resumed_from(restorable[0] if restorable else None),
+                "resumed_work_seconds": resumed_from(restorable),
             },
         )
         if started is None:
@@ -188,10 +188,13 @@ class WorkerEvents(Restarts):
                 self._watch_progress(running)
 
     async def _resumed_from(self, job: Job, checkpoint_id: str | None) -> None:
-        records = {c.id: c for c in await self.store.list_checkpoints(job.id)} if checkpoint_id else {}
-        work = resumed_from(records.get(checkpoint_id or ""))
-        await self.store.mutate_job(job.id, lambda j: j.model_copy(update={"resumed_work_seconds": work})
-                                    if j.attempt == job.attempt else None)
+        """The worker restored another checkpoint than the first offered (those before it did not
+        verify): the work it resumed from, and what a restart would now find, are that one's."""
+        newest_first = list(reversed(await self.store.list_checkpoints(job.id)))
+        ids = [c.id for c in newest_first]
+        work = resumed_from(newest_first[ids.index(checkpoint_id):] if checkpoint_id in ids else [])
+        await self.store.mutate_job(job.id, lambda j: j.model_copy(update={
+            "resumed_work_seconds": work, "saved_work_seconds": work}) if j.attempt == job.attempt else None)
 
     async def _renew_access(self, ping: Ping, entry: LedgerEntry) -> None:
         """Fresh access for a worker whose access runs out soon. Stateless: the worker's ping says

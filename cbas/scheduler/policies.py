@@ -178,7 +178,7 @@ def cbas_choice(now: Situation, step_hours: float) -> int:
         return ON_DEMAND
     choices = [m for m, market in enumerate(now.markets) if market.available]
     if not choices:
-        return WAIT
+        return now.mode if running else WAIT  # nowhere better: a live machine is not given up for nothing
 
     def per_useful_hour(m: int) -> float:
         stay = max(now.markets[m].residual_up_hours, step_hours)

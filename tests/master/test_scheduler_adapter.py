@@ -9,6 +9,7 @@ import pytest
 from cbas import jdl
 from cbas.master.scheduler_adapter import SchedulerAdapter
 from cbas.models import Job, LedgerEntry, LedgerState, Offer
+from cbas.scheduler.placement import Placement
 from cbas.settings import Settings
 from cbas.state import JobState
 
@@ -206,3 +207,21 @@ def test_a_wait_says_what_it_waits_for_and_until_when() -> None:
     adapter.observe([offer("a", 0.05)])  # ... then a spike
     spike = adapter.place(job, description, ["c5.large"])
     assert spike.action == "wait" and spike.reason.startswith("waiting for spot at or under $0.0150/h"), spike
+
+
+def test_another_jobs_refused_launch_never_moves_a_running_job_off_its_market() -> None:
+    adapter, _, job, description = setup(deadline="40h", runtime="30h")
+    adapter.observe([offer("a", 0.03)])
+    adapter.launch_refused(Placement("a", "c5.large", "spot", 0.03))  # a new machine there was refused
+    running = job.model_copy(update={"state": JobState.RUNNING})
+    assert adapter.review(running, description, ["c5.large"], running_on("a")).action == "keep"
+
+
+def test_a_deadline_job_whose_on_demand_is_refused_takes_spot_when_the_slack_is_gone() -> None:
+    adapter, clock, job, description = setup()
+    clock.now += timedelta(hours=5.9).total_seconds()  # less than two restarts of slack left
+    adapter.observe([offer("a", 0.03)])
+    adapter.launch_refused(Placement("a", "c5.large", "on-demand", 0.085))
+    decision = adapter.place(job, description, ["c5.large"])
+    assert decision.placement is not None and decision.placement.market == "spot", decision
+    assert "on-demand launches were refused" in decision.reason

@@ -34,8 +34,11 @@ def test_work_is_what_the_attempt_resumed_from_plus_its_running_time() -> None:
 def test_a_job_not_running_has_done_what_its_newest_checkpoint_holds() -> None:
     job = Job(id="j", state=JobState.QUEUED, run_seconds=3 * HOUR, saved_work_seconds=HOUR)
     assert work_done(job, T0) == HOUR
-    assert resumed_from(None) == 0.0  # a fresh start
-    assert resumed_from(record("j", 1, T0)) == 0.0  # a checkpoint from before work was recorded
+    assert resumed_from([]) == 0.0  # a fresh start
+    assert resumed_from([record("j", 1, T0)]) == 0.0  # a checkpoint from before work was recorded
+    known = record("j", 1, T0).model_copy(update={"work_seconds": 500.0})
+    late = record("j", 1, T0, n=2)  # came after its attempt stopped running: its work not known
+    assert resumed_from([late, known]) == 500.0  # at least what the one before it holds, never 0
 
 
 async def test_work_lost_to_a_preemption_is_not_progress(tmp_path: Path, aiohttp_client: Any) -> None:
