@@ -43,8 +43,7 @@ class SchedulerAdapter:
         self.clock = clock
         self.keys: list[tuple[str, str]] = []
         self.history = AvailabilityHistory(0, UNKNOWN_UP_HOURS)
-        self.offers: dict[tuple[str, str], Offer] = {}  # with the markets that refused launches unavailable
-        self.cloud_offers: dict[tuple[str, str], Offer] = {}
+        self.offers: dict[tuple[str, str], Offer] = {}  # as the cloud says (_tried: as launches found them)
         self.full: dict[MarketKey, tuple[int, float]] = {}  # market -> refusals in a row, tried again after
 
     def observe(self, offers: list[Offer]) -> None:
@@ -52,9 +51,8 @@ class SchedulerAdapter:
         if keys != self.keys:  # markets came or went: start the history again
             self.keys = keys
             self.history = AvailabilityHistory(len(keys), UNKNOWN_UP_HOURS)
-        self.cloud_offers = {(o.zone, o.instance_type): o for o in offers}  # as the cloud says
-        self.offers = {(o.zone, o.instance_type): self._as_tried(o) for o in offers}
-        current = [self.offers[k] for k in keys]
+        self.offers = {(o.zone, o.instance_type): o for o in offers}
+        current = [self._tried(k) for k in keys]
         self.history.observe(self.clock() / 3600.0, [o.available for o in current], [o.spot_price for o in current])
 
     # --- capacity, as launches tell it --------------------------------------------------------
@@ -65,9 +63,6 @@ class SchedulerAdapter:
         first, longest = RETRY_FULL_MARKET_SECONDS
         until = self.clock() + min(longest, first * 2 ** (refusals - 1))
         self.full[key] = (refusals, until)
-        offer = self.offers.get(key[:2])
-        if offer is not None:
-            self.offers[key[:2]] = self._as_tried(offer)
         return until
 
     def launched(self, placement: Placement) -> None:
@@ -76,8 +71,9 @@ class SchedulerAdapter:
     def _refusing(self, zone: str, kind: str, market: str) -> bool:
         return self.full.get((zone, kind, market), (0, 0.0))[1] > self.clock()
 
-    def _as_tried(self, offer: Offer) -> Offer:
-        """The offer with spot capacity as the last launches found it."""
+    def _tried(self, key: tuple[str, str]) -> Offer:
+        """The market's offer with spot capacity as the last launches found it."""
+        offer = self.offers[key]
         if offer.available and self._refusing(offer.zone, offer.instance_type, "spot"):
             return offer.model_copy(update={"available": False})
         return offer
@@ -119,6 +115,9 @@ class SchedulerAdapter:
         now_hours = self.clock() / 3600.0
         restart = self.restart_hours(job)
         index = {key: i for i, key in enumerate(self.keys)}
+        own = markets[mode] if mode >= 0 else None
+        ups = [self._within(self.offers[key] if key == own else self._tried(key), description.max_price)
+               for key in markets]
         return Situation(
             remaining_hours=max(0.0, runtime - self.progress_hours(job)),
             time_left_hours=deadline.timestamp() / 3600.0 - now_hours,
@@ -128,13 +127,9 @@ class SchedulerAdapter:
             warming_hours=0.0,
             markets=[MarketNow(self.offers[key].spot_price, up,
                                self.history.residual_up(index[key], now_hours, restart) if up else 0.0)
-                     for key, up in ((key, self._within(self._offer_for(key, mode >= 0 and key == markets[mode]),
-                                                        description.max_price)) for key in markets)],
+                     for key, up in zip(markets, ups)],
             cheapest_seen=self.history.cheapest_seen([index[key] for key in markets]),
         )
-
-    def _offer_for(self, key: tuple[str, str], running_there: bool) -> Offer:
-        return self.cloud_offers.get(key, self.offers[key]) if running_there else self.offers[key]
 
     @staticmethod
     def _within(offer: Offer, max_price: float | None) -> bool:
@@ -147,7 +142,7 @@ class SchedulerAdapter:
     # --- decisions -----------------------------------------------------------------------------------
     def place(self, job: Job, description: JobDescription, types: list[str]) -> Decision:
         """Where a queued job should run now, if anywhere."""
-        offers = [self.offers[key] for key in self._markets(types)]
+        offers = [self._tried(key) for key in self._markets(types)]
         ondemand = [] if description.market == "spot" else self._ondemand(offers)
         if description.market == "on-demand":
             return self._on_demand_only(ondemand, types, description.max_price)
