@@ -15,6 +15,7 @@ from typing import Callable, Literal
 from cbas.jdl import JobDescription, parse_deadline
 from cbas.master.work import work_done
 from cbas.models import Job, LedgerEntry, Offer, from_epoch
+from cbas.scheduler.capacity import LaunchOutcomes
 from cbas.scheduler.placement import Placement, cheapest_spot
 from cbas.scheduler.policies import AvailabilityHistory, MarketNow, Situation, cbas_choice, checkpoint_before_loss
 from cbas.scheduler.simulator import ON_DEMAND, WAIT
@@ -23,9 +24,6 @@ from cbas.state import JobState
 
 Clock = Callable[[], float]
 UNKNOWN_UP_HOURS = 24.0  # a market with capacity since before the master looked
-# EC2 says nothing about capacity until a launch fails: a market that refused one is left for
-# this long, doubled at each refusal in a row, before it is tried again
-RETRY_FULL_MARKET_SECONDS = (60.0, 1800.0)
 MarketKey = tuple[str, str, str]  # zone, instance type, spot or on-demand
 
 
@@ -44,7 +42,7 @@ class SchedulerAdapter:
         self.keys: list[tuple[str, str]] = []
         self.history = AvailabilityHistory(0, UNKNOWN_UP_HOURS)
         self.offers: dict[tuple[str, str], Offer] = {}  # as the cloud says (_tried: as launches found them)
-        self.full: dict[MarketKey, tuple[int, float]] = {}  # market -> refusals in a row, tried again after
+        self.outcomes: LaunchOutcomes[MarketKey] = LaunchOutcomes()
 
     def observe(self, offers: list[Offer]) -> None:
         keys = sorted((o.zone, o.instance_type) for o in offers)
@@ -55,21 +53,20 @@ class SchedulerAdapter:
         current = [self._tried(k) for k in keys]
         self.history.observe(self.clock() / 3600.0, [o.available for o in current], [o.spot_price for o in current])
 
-    # --- capacity, as launches tell it --------------------------------------------------------
+    # --- capacity, as launches tell it (cbas.scheduler.capacity) -------------------------------
     def launch_refused(self, placement: Placement) -> float:
         """A launch found no capacity: that market is left until the time returned (epoch s)."""
-        key = (placement.zone, placement.instance_type, placement.market)
-        refusals = self.full.get(key, (0, 0.0))[0] + 1
-        first, longest = RETRY_FULL_MARKET_SECONDS
-        until = self.clock() + min(longest, first * 2 ** (refusals - 1))
-        self.full[key] = (refusals, until)
-        return until
+        return self.outcomes.refused((placement.zone, placement.instance_type, placement.market), self.clock())
 
     def launched(self, placement: Placement) -> None:
-        self.full.pop((placement.zone, placement.instance_type, placement.market), None)
+        self.outcomes.launched((placement.zone, placement.instance_type, placement.market))
+
+    def preempted(self, zone: str, kind: str) -> None:
+        """A spot machine there got its interruption notice: that market has no capacity now."""
+        self.outcomes.preempted((zone, kind, "spot"), self.clock())
 
     def _refusing(self, zone: str, kind: str, market: str) -> bool:
-        return self.full.get((zone, kind, market), (0, 0.0))[1] > self.clock()
+        return self.outcomes.refusing((zone, kind, market), self.clock())
 
     def _tried(self, key: tuple[str, str]) -> Offer:
         """The market's offer with spot capacity as the last launches found it."""
@@ -83,8 +80,8 @@ class SchedulerAdapter:
 
     def retry_at(self, types: list[str]) -> float | None:
         """When the first of these types' refusing markets may be tried again, if any refuses."""
-        times = [until for (_, kind, _), (_, until) in self.full.items() if kind in types and until > self.clock()]
-        return min(times, default=None)
+        keys = [(zone, kind, market) for zone, kind in self._markets(types) for market in ("spot", "on-demand")]
+        return self.outcomes.retry_at(keys, self.clock())
 
     # --- the job's numbers ----------------------------------------------------------------------
     @staticmethod
@@ -129,7 +126,17 @@ class SchedulerAdapter:
                                self.history.residual_up(index[key], now_hours, restart) if up else 0.0)
                      for key, up in zip(markets, ups)],
             cheapest_seen=self.history.cheapest_seen([index[key] for key in markets]),
+            ondemand_price=float("inf") if description.market == "spot" else min(
+                (o.ondemand_price for o in self._ondemand([self.offers[key] for key in markets])), default=float("inf")),
         )
+
+    def _on_demand_why(self, situation: Situation) -> str:
+        """Why ours chose on-demand: the deadline, or spot dearer than it."""
+        slack = situation.time_left_hours - situation.remaining_hours
+        if slack < 2 * situation.restart_hours + self.settings.schedule_interval / 3600.0 + 1e-9:
+            return "the slack left only covers the work and a restart"
+        spot = min((m.price for m in situation.markets if m.available), default=float("inf"))
+        return f"${situation.ondemand_price:.4f}/h, less than spot's ${spot:.4f}/h"
 
     @staticmethod
     def _within(offer: Offer, max_price: float | None) -> bool:
@@ -168,7 +175,7 @@ class SchedulerAdapter:
             best = min(ondemand, key=lambda o: o.ondemand_price)
             cost = best.ondemand_price * (situation.remaining_hours + situation.restart_hours)
             return Decision("launch", Placement(best.zone, best.instance_type, "on-demand", best.ondemand_price),
-                            "on-demand: the slack left only covers the work and a restart", cost)
+                            f"on-demand: {self._on_demand_why(situation)}", cost)
         zone, kind = markets[choice]
         offer = self.offers[(zone, kind)]
         stay = max(situation.markets[choice].residual_up_hours, 1e-6)
@@ -231,14 +238,17 @@ class SchedulerAdapter:
             mode = markets.index((machine.zone, machine.instance_type))
         except ValueError:
             return Decision("keep")
-        choice = cbas_choice(self._situation(job, description, markets, mode), self.settings.schedule_interval / 3600.0)
+        situation = self._situation(job, description, markets, mode)
+        choice = cbas_choice(situation, self.settings.schedule_interval / 3600.0)
         if choice == mode:
             return early
         if choice == ON_DEMAND and (description.market == "spot" or not self._ondemand(
                 [self.offers[key] for key in markets])):
             return early  # no on-demand to go to: staying is the best it can do
         if choice == ON_DEMAND:
-            return Decision("move", reason="switching to on-demand: the deadline is near")
+            why = self._on_demand_why(situation)
+            return Decision("move", reason="switching to on-demand: " + (
+                "the deadline is near" if why.startswith("the slack") else why))
         if choice == WAIT:
             return Decision("move", reason="pausing through a price spike")
         zone, kind = markets[choice]

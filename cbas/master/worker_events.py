@@ -267,6 +267,8 @@ class WorkerEvents(Restarts):
         if await self.resources.record_notice(instance_id, from_epoch(action_time)):  # kept: a restarted master knows too
             crash_point("notice-recorded")
             await self.store.add_event(JobEvent(job_id=entry.job_id, kind="spot-notice", detail=f"on {instance_id}"))
+            if entry.market == "spot":  # what the market's reliability is learned from
+                self.adapter.preempted(entry.zone, entry.instance_type)
         self.workers.noticed(instance_id, action_time)  # the machine's deadline: the notice's end
 
     async def job_finished(self, job_id: str, attempt: int, ok: bool, update: dict[str, Any], detail: str,

@@ -27,6 +27,7 @@ INF = float("inf")
 
 class Omniscient:
     name = "omniscient"
+    omniscient = True  # the bound: it is given the future, capacity included
 
     def reset(self, job: JobSpec, scenario: Scenario) -> None:
         self.plan, self.best_cost = plan(job, scenario)

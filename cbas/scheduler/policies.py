@@ -9,8 +9,9 @@ plus a restart, run on on-demand to the end, so none misses a deadline on-demand
 from __future__ import annotations
 
 import bisect
-from typing import NamedTuple
+from typing import NamedTuple, Sequence
 
+from cbas.scheduler.capacity import LaunchOutcomes
 from cbas.scheduler.model import JobSpec, Scenario
 from cbas.scheduler.simulator import ON_DEMAND, WAIT, Policy, Progress
 
@@ -65,7 +66,7 @@ class Greedy(_Base):
     def decide(self, now: Progress) -> int:
         if self.must_run_on_demand(now):
             return ON_DEMAND
-        return self.home if self.scenario.markets[self.home].available[now.step] else WAIT
+        return WAIT if self.home in now.refused else self.home  # it tries; a refusal is a step waited
 
 
 @policy("uniform-progress")
@@ -83,7 +84,7 @@ class UniformProgress(_Base):
             # leaving on-demand (for spot, or to wait) must leave slack to come back to it
             if slack < 2 * self.job.restart_hours + 2 * self.step:
                 return ON_DEMAND
-        if self.scenario.markets[self.home].available[now.step]:
+        if self.home not in now.refused:  # tried until it refuses, in this step
             if now.mode == ON_DEMAND and now.progress < line + self.job.restart_hours:
                 return ON_DEMAND  # only far enough ahead to pay the restart
             return self.home
@@ -109,6 +110,7 @@ class Situation(NamedTuple):
     warming_hours: float
     markets: list[MarketNow]
     cheapest_seen: float  # the lowest spot price seen with capacity
+    ondemand_price: float = float("inf")  # USD/h of the cheapest on-demand it may have (inf: none)
 
 
 class AvailabilityHistory:
@@ -123,16 +125,21 @@ class AvailabilityHistory:
         self.suffix: list[list[float]] = [[0.0] for _ in range(markets)]  # sums of completed[m][i:]
         self.last_seen = [False] * markets
         self.seen_rise = [False] * markets
-        self.observed = False
+        self.last_known: list[bool | None] = [None] * markets  # the last thing seen of it
         self.cheapest = [float("inf")] * markets  # each market's lowest spot price seen with capacity
 
-    def observe(self, hours: float, available: list[bool], prices: list[float]) -> None:
+    def observe(self, hours: float, available: Sequence[bool | None], prices: list[float]) -> None:
+        """`available[m]`: True seen up, False seen down, None not known (presumed up, and no
+        period is begun or ended by it)."""
         for m, up in enumerate(available):
-            if up:
+            if up is not False:
                 self.cheapest[m] = min(self.cheapest[m], prices[m])
+            if up is None:
+                self.last_seen[m] = False  # a period whose end is not known is not counted
+                continue
             if up and not self.last_seen[m]:
                 self.up_since[m] = hours
-                self.seen_rise[m] = self.observed
+                self.seen_rise[m] = self.last_known[m] is False  # seen down before: it rose now
             elif not up and self.last_seen[m]:
                 periods = self.completed[m]
                 bisect.insort(periods, hours - self.up_since[m])
@@ -140,8 +147,7 @@ class AvailabilityHistory:
                 for i in range(len(periods) - 1, -1, -1):
                     suffix[i] = suffix[i + 1] + periods[i]
                 self.suffix[m] = suffix
-            self.last_seen[m] = up
-        self.observed = True
+            self.last_seen[m] = self.last_known[m] = up
 
     def cheapest_seen(self, markets: list[int] | None = None) -> float:
         """The lowest spot price seen with capacity in these markets (all by default): a spike is
@@ -150,8 +156,10 @@ class AvailabilityHistory:
                    default=float("inf"))
 
     def residual_up(self, m: int, hours: float, floor: float) -> float:
-        age = hours - self.up_since[m]
         periods = self.completed[m]
+        if not self.last_seen[m]:  # presumed up, not seen: a whole period, as periods went
+            return self.suffix[m][0] / len(periods) if periods else self.unknown
+        age = hours - self.up_since[m]
         first_longer = bisect.bisect_right(periods, age)
         if first_longer < len(periods):
             return self.suffix[m][first_longer] / (len(periods) - first_longer) - age
@@ -162,23 +170,21 @@ class AvailabilityHistory:
 
 def cbas_choice(now: Situation, step_hours: float) -> int:
     """Ours: the market with the lowest price per useful hour (restarts counted at its expected
-    rate); move only when the saving over the expected stay pays the restart twice; sit out price
-    spikes while the slack allows; keep exactly the slack needed to never miss a deadline
-    on-demand could meet: a spot start needs two restarts of slack (its own and an on-demand
-    fall-back), a running spot machine one."""
+    rate), on-demand included whenever it is cheaper; move only when the saving over the expected
+    stay pays the restart twice; sit out price spikes while the slack allows; keep the slack needed
+    to never miss a deadline on-demand could meet, with one decision step of margin: a spot start
+    needs two restarts of slack (its own and an on-demand fall-back), a running spot machine one."""
     restart = now.restart_hours
     slack = now.time_left_hours - now.remaining_hours
-    if now.mode == ON_DEMAND:
-        return ON_DEMAND
     running = now.mode >= 0
-    if running and slack - now.warming_hours < restart - 1e-9:
+    if running and slack - now.warming_hours < restart + step_hours - 1e-9:
         return ON_DEMAND
-    can_start = slack >= 2 * restart - 1e-9
+    can_start = slack >= 2 * restart + step_hours - 1e-9
     if not running and not can_start:
         return ON_DEMAND
     choices = [m for m, market in enumerate(now.markets) if market.available]
-    if not choices:
-        return now.mode if running else WAIT  # nowhere better: a live machine is not given up for nothing
+    if not choices:  # nowhere better: a live machine is not given up for nothing
+        return now.mode if now.mode != WAIT else WAIT
 
     def per_useful_hour(m: int) -> float:
         stay = max(now.markets[m].residual_up_hours, step_hours)
@@ -187,15 +193,26 @@ def cbas_choice(now: Situation, step_hours: float) -> int:
     # the machine's own market is weighed even when it shows no capacity (live, before its notice)
     cost = {m: per_useful_hour(m) for m in choices + ([now.mode] if running else [])}
     best = min(choices, key=cost.__getitem__)
+    stay = min(now.remaining_hours, now.markets[best].residual_up_hours)
+    # on-demand is weighed against spot's price: expected restarts rank spot markets among
+    # themselves, but a guess from a few periods seen is too rough to buy on-demand on
+    ondemand = now.ondemand_price
+    if now.mode == ON_DEMAND:  # leaving it for spot must pay the restart twice over the stay
+        price = now.markets[best].price
+        return best if (ondemand - price) * stay > 2 * price * restart else ON_DEMAND
     slack_share = slack / max(now.slack_hours, step_hours)
     spike = slack_share > 0.5 and now.markets[best].price > 1.5 * now.cheapest_seen
     if running:
         if spike and can_start:
             return WAIT
-        stay = min(now.remaining_hours, now.markets[best].residual_up_hours)
+        own = now.markets[now.mode].price
+        if (own - ondemand) * now.remaining_hours > 2 * ondemand * restart and ondemand < now.markets[best].price:
+            return ON_DEMAND  # spot dearer than on-demand for the rest of the job
         moving_pays = (cost[now.mode] - cost[best]) * stay > 2 * cost[best] * restart
         return best if moving_pays and can_start else now.mode
-    return WAIT if spike else best
+    if spike:
+        return WAIT
+    return ON_DEMAND if ondemand < now.markets[best].price else best
 
 
 def checkpoint_before_loss(unsaved: float, to_next: float, residual_up: float, checkpoint_hours: float) -> bool:
@@ -221,15 +238,23 @@ class Cbas(_Base):
     def reset(self, job: JobSpec, scenario: Scenario) -> None:
         super().reset(job, scenario)
         self.history = AvailabilityHistory(len(scenario.markets), job.deadline_hours)
+        self.outcomes: LaunchOutcomes[int] = LaunchOutcomes()
 
     def decide(self, now: Progress) -> int:
         index = now.step
         hours = index * self.step
         markets = self.scenario.markets
-        available = [m.available[index] for m in markets]
-        self.history.observe(hours, available, [m.price[index] for m in markets])
-        if now.mode == ON_DEMAND:
-            return ON_DEMAND  # committed: nothing to weigh
+        seconds = hours * 3600.0
+        if now.refused:  # asked again in the same step: the last try was refused
+            self.outcomes.refused(now.refused[-1], seconds)
+        elif now.preempted >= 0:
+            self.outcomes.preempted(now.preempted, seconds)
+        if now.mode >= 0:
+            self.outcomes.launched(now.mode)
+        # capacity as the master knows it: presumed until a launch or a preemption says otherwise
+        seen = [self.outcomes.state(m, seconds) for m in range(len(markets))]
+        self.history.observe(hours, seen, [m.price[index] for m in markets])
+        available = [up is not False for up in seen]
         return cbas_choice(Situation(
             remaining_hours=self.job.work_hours - now.progress,
             time_left_hours=self.time_left(now),
@@ -240,6 +265,7 @@ class Cbas(_Base):
             markets=[MarketNow(m.price[index], up, self.history.residual_up(i, hours, self.job.restart_hours) if up else 0.0)
                      for i, (m, up) in enumerate(zip(markets, available))],
             cheapest_seen=self.history.cheapest_seen(),
+            ondemand_price=self.scenario.ondemand,
         ), self.step)
 
 

@@ -3,7 +3,12 @@
 At each step: a spot machine whose market has lost capacity is preempted (the worker's notice
 checkpoint keeps its progress; the next start pays the restart overhead again); then the policy
 picks WAIT, ON_DEMAND or a spot market; a change of machine ends the old session and starts a
-new one, whose first restart_hours make no progress. A job not done by its deadline is a miss;
+new one, whose first restart_hours make no progress.
+
+What a policy knows is what EC2 tells: prices, and capacity only by trying. Online policies get
+the scenario without its availability (reading it raises); a launch into a market with no
+capacity is refused, which delays the start by REFUSED_LAUNCH_HOURS (not billed) and is told to the policy,
+which may try up to LAUNCH_TRIES_PER_STEP markets in a step; a preemption is told too. A job not done by its deadline is a miss;
 its remaining work is then costed on on-demand, so misses are never cheap.
 """
 
@@ -11,13 +16,15 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, Sequence
 
 from cbas.scheduler.model import JobSpec, MarketSteps, Scenario
 
 WAIT = -1
 ON_DEMAND = -2
 _EPS = 1e-9
+LAUNCH_TRIES_PER_STEP = 3  # as the master's placement pass (cbas.master.placement)
+REFUSED_LAUNCH_HOURS = 1.0 / 60.0  # a refused launch: the call, and the decision made again
 
 
 @dataclass
@@ -30,10 +37,28 @@ class Progress:
     warming: float  # restart overhead still to pay on the current machine
     preemptions: int
     unsaved: float = 0.0  # work done since the last checkpoint
+    refused: tuple[int, ...] = ()  # spot markets that refused a launch in this step, so far
+    preempted: int = WAIT  # the spot market that took the job's machine back at this step
+
+
+class CapacityUnknown(Sequence[bool]):
+    """A market's availability as an online policy sees it: not at all (EC2 never says)."""
+
+    def __len__(self) -> int:
+        raise LookupError("spot capacity is learned by trying (Progress.refused), never read")
+
+    def __getitem__(self, index):  # type: ignore[no-untyped-def]
+        raise LookupError("spot capacity is learned by trying (Progress.refused), never read")
+
+
+def without_capacity(scenario: Scenario) -> Scenario:
+    """The scenario as EC2 shows it: prices, and no capacity."""
+    return Scenario([MarketSteps(m.zone, m.instance_type, m.ondemand, m.price, CapacityUnknown())  # type: ignore[arg-type]
+                     for m in scenario.markets], scenario.step_hours, scenario.billing)
 
 
 class Policy(Protocol):
-    name: str
+    name: str  # a policy with `omniscient = True` is given the scenario's capacity too
 
     def reset(self, job: JobSpec, scenario: Scenario) -> None: ...
     def decide(self, now: Progress) -> int: ...
@@ -60,6 +85,10 @@ class _Bill:
         self.scenario = scenario
         self.total = 0.0
         self._prices: list[float] = []  # price of each step of the open session
+        self.late = 0.0  # hours of the session's first step before its machine started
+
+    def start(self, late: float) -> None:
+        self.late = late
 
     def run(self, price: float) -> None:
         self._prices.append(price)
@@ -70,13 +99,13 @@ class _Bill:
             return
         step = self.scenario.step_hours
         if self.scenario.billing == "second":
-            self.total += step * (sum(prices[:-1]) + prices[-1] * used_fraction_of_last)
+            self.total += step * (sum(prices[:-1]) + prices[-1] * used_fraction_of_last) - self.late * prices[0]
         else:
-            duration = step * (len(prices) - 1 + used_fraction_of_last)
+            duration = step * (len(prices) - 1 + used_fraction_of_last) - self.late
             hours = math.floor(duration + _EPS) if reclaimed else math.ceil(duration - _EPS)
             per_hour = max(1, int(round(1.0 / step)))
             self.total += sum(prices[h * per_hour] if h * per_hour < len(prices) else prices[-1] for h in range(hours))
-        self._prices = []
+        self._prices, self.late = [], 0.0
 
 
 class JobRun:
@@ -98,7 +127,7 @@ class JobRun:
         self.finished: float | None = None
         self.actions: list[int] = []
         self.index = 0
-        policy.reset(job, scenario)
+        policy.reset(job, scenario if getattr(policy, "omniscient", False) else without_capacity(scenario))
 
     @property
     def active(self) -> bool:
@@ -111,13 +140,22 @@ class JobRun:
     def step(self) -> None:
         index, step, markets, job = self.index, self.scenario.step_hours, self.scenario.markets, self.job
         self.index += 1
+        preempted = WAIT
         if self.mode >= 0 and not markets[self.mode].available[index]:
             self.bill.close(reclaimed=True)  # the market took the machine back
+            preempted = self.mode
             self._preempted()
-        now = Progress(index, self.progress, self.mode, self.warming, self.preemptions, self.progress - self.saved)
-        action = self.policy.decide(now)
-        if action >= 0 and not markets[action].available[index]:
-            action = WAIT  # no capacity to launch into
+        refused: list[int] = []
+        while True:
+            now = Progress(index, self.progress, self.mode, self.warming, self.preemptions,
+                           self.progress - self.saved, tuple(refused), preempted)
+            action = self.policy.decide(now)
+            if action < 0 or action == self.mode or markets[action].available[index]:
+                break
+            refused.append(action)  # no capacity to launch into
+            if len(refused) >= LAUNCH_TRIES_PER_STEP:
+                action = WAIT
+                break
         if self.keep_actions:
             self.actions.append(action)
         if action != self.mode:
@@ -125,8 +163,10 @@ class JobRun:
             if self.mode != WAIT:  # we stop it ourselves: a checkpoint first, nothing is lost
                 self.saved, self.checkpointing = self.progress, 0.0
             self.mode = action
-            if action != WAIT:
-                self.warming = job.restart_hours
+            if action != WAIT:  # the machine starts once the refused tries are over: not billed before
+                late = len(refused) * REFUSED_LAUNCH_HOURS
+                self.warming = job.restart_hours + late
+                self.bill.start(late)
                 self.starts += 1
         if self.mode == WAIT:
             return

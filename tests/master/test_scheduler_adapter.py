@@ -24,8 +24,8 @@ class Clock:
         return self.now
 
 
-def offer(zone: str, spot: float, available: bool = True, kind: str = "c5.large") -> Offer:
-    return Offer(zone=zone, instance_type=kind, spot_price=spot, ondemand_price=0.085, available=available)
+def offer(zone: str, spot: float, available: bool = True, kind: str = "c5.large", ondemand: float = 0.085) -> Offer:
+    return Offer(zone=zone, instance_type=kind, spot_price=spot, ondemand_price=ondemand, available=available)
 
 
 def setup(deadline: str | None = "10h", runtime: str | None = "4h") -> tuple[SchedulerAdapter, Clock, Job, jdl.JobDescription]:
@@ -138,7 +138,7 @@ def test_a_price_spike_is_judged_against_the_jobs_own_instance_types() -> None:
     """A cheap small type elsewhere in the market must not make a big type's price look like a
     spike (the job waited half its slack and was moved off its machine for it)."""
     adapter, _, job, description = setup(deadline="12h", runtime="4h")
-    adapter.observe([offer("a", 0.90, kind="p3.2xlarge"), offer("a", 0.01, kind="m3.medium")])
+    adapter.observe([offer("a", 0.90, kind="p3.2xlarge", ondemand=3.06), offer("a", 0.01, kind="m3.medium")])
     decision = adapter.place(job, description, ["p3.2xlarge"])
     assert decision.action == "launch" and decision.placement is not None
     running = job.model_copy(update={"state": JobState.RUNNING})
@@ -225,3 +225,50 @@ def test_a_deadline_job_whose_on_demand_is_refused_takes_spot_when_the_slack_is_
     decision = adapter.place(job, description, ["c5.large"])
     assert decision.placement is not None and decision.placement.market == "spot", decision
     assert "on-demand launches were refused" in decision.reason
+
+
+def test_spot_dearer_than_on_demand_means_on_demand_at_launch_and_for_a_running_job() -> None:
+    adapter, _, job, description = setup(deadline="12h", runtime="4h")
+    adapter.observe([offer("a", 0.12), offer("b", 0.10)])  # both above on-demand's $0.085
+    decision = adapter.place(job, description, ["c5.large"])
+    assert decision.placement is not None and decision.placement.market == "on-demand"
+    assert "less than spot's $0.1000/h" in decision.reason
+    running = job.model_copy(update={"state": JobState.RUNNING})
+    machine = running_on("b").model_copy(update={"price": 0.10})
+    decision = adapter.review(running, description, ["c5.large"], machine)
+    assert decision.action == "move" and "switching to on-demand: $0.0850/h" in decision.reason
+
+
+@pytest.mark.parametrize("case", ["cheapest", "refused", "dearer-than-on-demand"])
+def test_the_master_and_the_simulator_decide_the_same_from_the_same_facts(case: str) -> None:
+    """One policy, two callers: the master's adapter and the simulator's `cbas`, given the same
+    markets, job and launch results, choose the same."""
+    from cbas.scheduler.model import JobSpec, MarketSteps, Scenario
+    from cbas.scheduler.policies import make
+    from cbas.scheduler.simulator import ON_DEMAND, Progress
+
+    prices = {"cheapest": (0.03, 0.02), "refused": (0.03, 0.02), "dearer-than-on-demand": (0.12, 0.10)}[case]
+    clock = Clock()
+    adapter = SchedulerAdapter(Settings(restart_overhead=360, schedule_interval=360), clock=clock)  # one 0.1 h step
+    text = 'Executable = "x"; Deadline = "10h"; Runtime = "4h";'
+    job, description = Job(id="j", state=JobState.QUEUED, jdl=text, submitted_at=T0), jdl.parse(text)
+    adapter.observe([offer("a", prices[0]), offer("b", prices[1])])
+    refused: tuple[int, ...] = ()
+    if case == "refused":
+        adapter.launch_refused(Placement("b", "c5.large", "spot", prices[1]))
+        refused = (1,)
+    decision = adapter.place(job, description, ["c5.large"])
+    master = decision.placement
+
+    ours = make("cbas")
+    ours.reset(JobSpec(4.0, 10.0, 0.1), Scenario([MarketSteps(z, "c5.large", 0.085, [p] * 100, [True] * 100)
+                                                 for z, p in zip("ab", prices)]))
+    if refused:
+        ours.decide(Progress(0, 0.0, -1, 0.0, 0))  # its first try, then told it was refused
+    simulated = ours.decide(Progress(0, 0.0, -1, 0.0, 0, refused=refused))
+    assert master is not None
+    if simulated == ON_DEMAND:
+        assert master.market == "on-demand"
+    else:
+        assert (master.market, master.zone) == ("spot", "ab"[simulated])
+    assert {"cheapest": 1, "refused": 0, "dearer-than-on-demand": ON_DEMAND}[case] == simulated

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from cbas.scheduler.model import JobSpec, MarketSteps, Scenario
 from cbas.scheduler.omniscient import plan
 from cbas.scheduler.policies import make
-from cbas.scheduler.simulator import ON_DEMAND, simulate
+from cbas.scheduler.simulator import ON_DEMAND, REFUSED_LAUNCH_HOURS, simulate
 
 NAMES = ["on-demand", "greedy", "uniform-progress", "cbas", "omniscient"]
 
@@ -38,7 +38,8 @@ def test_never_available_means_on_demand_and_no_miss(name: str) -> None:
     result = run(name, JOB, Scenario([market([False] * STEPS)]))
     assert not result.missed
     assert result.spot_hours == 0
-    if name == "uniform-progress":  # it follows its line, stopping when ahead: a few restarts
+    if name == "uniform-progress":  # it follows its line, stopping when ahead: a few restarts,
+        # each after trying spot in vain (a refused launch delays the start, unbilled)
         assert result.starts <= 4 and result.cost == pytest.approx(1.0 * (4.0 + 0.2 * result.starts))
     else:
         assert result.cost == pytest.approx(1.0 * 4.2)
@@ -57,7 +58,9 @@ def test_ours_uses_the_other_zone_when_home_has_no_capacity() -> None:
     scenario = Scenario([market([False] * STEPS, 0.3, "home"), market([True] * STEPS, 0.35, "other")])
     assert run("greedy", JOB, scenario).ondemand_hours > 0  # greedy only knows its home zone
     ours = run("cbas", JOB, scenario)
+    # it tries the cheaper home first: refused, which delays the start on the other (unbilled)
     assert ours.ondemand_hours == 0 and ours.cost == pytest.approx(0.35 * 4.2)
+    assert ours.finished_hours == pytest.approx(4.2 + REFUSED_LAUNCH_HOURS)
 
 
 def test_ours_waits_out_a_price_spike_when_slack_allows() -> None:

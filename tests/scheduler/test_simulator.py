@@ -96,7 +96,9 @@ def test_many_jobs_share_a_markets_capacity() -> None:
     first, second = simulate_many(jobs, scenario, [make("cbas"), make("cbas")], capacity=1)
     assert not first.missed and not second.missed
     assert first.ondemand_hours == second.ondemand_hours == 0  # the second waited for the machine
-    assert sorted([first.finished_hours, second.finished_hours]) == pytest.approx([1.1, 2.2])
+    # the second learns of the machine freed at 1.1 h by trying: its refused tries back off
+    # (1, 2, 4, 8, 16, 30 min), so its try at 1.3 h is the first to launch
+    assert sorted([first.finished_hours, second.finished_hours]) == pytest.approx([1.1, 2.4])
 
 
 def test_a_tight_common_deadline_sends_the_task_without_capacity_to_on_demand() -> None:
