@@ -90,3 +90,21 @@ def scenario_from(markets: list[MarketSeries], start: float, hours: float, step_
                   billing: Billing = "second") -> Scenario:
     steps = int(round(hours / step_hours))
     return Scenario([sample(m, start, steps, step_hours) for m in markets], step_hours, billing)
+
+
+def binned(series: MarketSeries, start: float, bins: int, bin_hours: float) -> MarketSteps:
+    """A market in bins, as the peer simulator reads it: a bin has capacity only if every
+    observation in it (the row in effect at its start included) has; its price is their mean."""
+    price, available = [], []
+    times, width = series.times, bin_hours * 3600.0
+    for index in range(bins):
+        t0 = start + index * width
+        first = max(0, bisect.bisect_right(times, t0) - 1)
+        last = max(first + 1, bisect.bisect_left(times, t0 + width))
+        rows = range(first, last)
+        values = [p if (p := series.spot_price[r]) is not None else series.price_at(t0) for r in rows]
+        ups = [known if (known := series.available[r]) is not None else value <= series.ondemand_price
+               for r, value in zip(rows, values)]
+        price.append(sum(values) / len(values))
+        available.append(all(ups))
+    return MarketSteps(series.zone, series.instance_type, series.ondemand_price, price, available)

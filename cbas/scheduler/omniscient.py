@@ -10,7 +10,8 @@ them), a running step costs its price and adds one step of progress, stopping is
     R_m[i][p]     = min(Run_m[i][p], Off[i][p])              (keep running, or stop)
 
 with on-demand as one more market that never loses capacity. The answer is Off[0][0]; the plan
-is read forwards from the same tables. It is the lower bound the other policies are scored by.
+is read forwards from the same tables. It is the lower bound the other policies are scored by
+(exact where the job's work, restart and deadline are whole steps, as on the default grid).
 """
 
 from __future__ import annotations
@@ -38,7 +39,9 @@ class Omniscient:
 
 def plan(job: JobSpec, scenario: Scenario) -> tuple[list[int], float]:
     step = scenario.step_hours
-    horizon = min(int(math.ceil(job.deadline_hours / step - 1e-9)), scenario.steps)
+    # whole steps before the deadline; work and restart rounded up to whole steps: exact when all
+    # three are multiples of the step, an upper estimate of the optimum otherwise
+    horizon = min(int(math.floor(job.deadline_hours / step + 1e-9)), scenario.steps)
     work = int(math.ceil(job.work_hours / step - 1e-9))
     warm = max(1, int(math.ceil(job.restart_hours / step - 1e-9)))
     markets = scenario.markets

@@ -53,6 +53,32 @@ class _Base:
         return self.committed
 
 
+class LearnsCapacity(_Base):
+    """Keeps the record of launches and preemptions the master keeps (cbas.scheduler.capacity)."""
+
+    def reset(self, job: JobSpec, scenario: Scenario) -> None:
+        super().reset(job, scenario)
+        self.outcomes: LaunchOutcomes[int] = LaunchOutcomes()
+
+    def learn(self, now: Progress) -> float:
+        """Note what this call of decide() tells; the time now, in seconds."""
+        seconds = now.step * self.step * 3600.0
+        if now.refused:  # asked again in the same step: the last try was refused
+            self.outcomes.refused(now.refused[-1], seconds)
+        elif now.preempted >= 0:
+            self.outcomes.preempted(now.preempted, seconds)
+        if now.mode >= 0:
+            self.outcomes.launched(now.mode)
+        return seconds
+
+    def untried(self, now: Progress, seconds: float) -> list[int]:
+        """Spot markets worth a try now, cheapest first."""
+        index = now.step
+        markets = self.scenario.markets
+        return sorted((m for m in range(len(markets)) if not self.outcomes.refusing(m, seconds)),
+                      key=lambda m: markets[m].price[index])
+
+
 @policy("on-demand")
 class OnDemand(_Base):
     def decide(self, now: Progress) -> int:
@@ -75,7 +101,12 @@ class UniformProgress(_Base):
     behind that line; spot whenever it has capacity (leaving on-demand for it only when far enough
     ahead to pay the restart); with the same safety net."""
 
+    def spot_market(self, now: Progress) -> int | None:
+        """Where it runs spot: its home, tried until it refuses in this step."""
+        return None if self.home in now.refused else self.home
+
     def decide(self, now: Progress) -> int:
+        spot = self.spot_market(now)
         if self.must_run_on_demand(now):
             return ON_DEMAND
         line = self.job.work_hours * (now.step * self.step) / self.job.deadline_hours
@@ -84,10 +115,10 @@ class UniformProgress(_Base):
             # leaving on-demand (for spot, or to wait) must leave slack to come back to it
             if slack < 2 * self.job.restart_hours + 2 * self.step:
                 return ON_DEMAND
-        if self.home not in now.refused:  # tried until it refuses, in this step
+        if spot is not None:
             if now.mode == ON_DEMAND and now.progress < line + self.job.restart_hours:
                 return ON_DEMAND  # only far enough ahead to pay the restart
-            return self.home
+            return spot
         if now.mode == ON_DEMAND:  # hysteresis: stop only when far enough ahead to pay a restart
             return ON_DEMAND if now.progress < line + 2 * self.job.restart_hours else WAIT
         return ON_DEMAND if now.progress < line else WAIT
@@ -223,7 +254,7 @@ def checkpoint_before_loss(unsaved: float, to_next: float, residual_up: float, c
 
 
 @policy("cbas")
-class Cbas(_Base):
+class Cbas(LearnsCapacity):
     """Ours (cbas_choice), over every market of the job's instance type; it also times extra
     checkpoints before likely preemptions when a checkpoint does not fit in the notice."""
 
@@ -238,19 +269,12 @@ class Cbas(_Base):
     def reset(self, job: JobSpec, scenario: Scenario) -> None:
         super().reset(job, scenario)
         self.history = AvailabilityHistory(len(scenario.markets), job.deadline_hours)
-        self.outcomes: LaunchOutcomes[int] = LaunchOutcomes()
 
     def decide(self, now: Progress) -> int:
         index = now.step
         hours = index * self.step
         markets = self.scenario.markets
-        seconds = hours * 3600.0
-        if now.refused:  # asked again in the same step: the last try was refused
-            self.outcomes.refused(now.refused[-1], seconds)
-        elif now.preempted >= 0:
-            self.outcomes.preempted(now.preempted, seconds)
-        if now.mode >= 0:
-            self.outcomes.launched(now.mode)
+        seconds = self.learn(now)
         # capacity as the master knows it: presumed until a launch or a preemption says otherwise
         seen = [self.outcomes.state(m, seconds) for m in range(len(markets))]
         self.history.observe(hours, seen, [m.price[index] for m in markets])
@@ -267,6 +291,9 @@ class Cbas(_Base):
             cheapest_seen=self.history.cheapest_seen(),
             ondemand_price=self.scenario.ondemand,
         ), self.step)
+
+
+from cbas.scheduler import baselines  # noqa: E402,F401  (registers the multi-zone baselines)
 
 
 def make(name: str, home: int = 0) -> Policy:

@@ -11,7 +11,7 @@ from cbas.scheduler.omniscient import plan
 from cbas.scheduler.policies import make
 from cbas.scheduler.simulator import ON_DEMAND, REFUSED_LAUNCH_HOURS, simulate
 
-NAMES = ["on-demand", "greedy", "uniform-progress", "cbas", "omniscient"]
+NAMES = ["on-demand", "greedy", "uniform-progress", "greedy-multi", "up-failover", "cbas", "omniscient"]
 
 
 def market(available: list[bool], price: float = 0.3, zone: str = "a") -> MarketSteps:
@@ -26,7 +26,7 @@ JOB = JobSpec(4.0, 8.0, 0.2)
 STEPS = 80
 
 
-@pytest.mark.parametrize("name", ["greedy", "uniform-progress", "cbas", "omniscient"])
+@pytest.mark.parametrize("name", ["greedy", "uniform-progress", "greedy-multi", "up-failover", "cbas", "omniscient"])
 def test_always_available_runs_on_spot_once(name: str) -> None:
     result = run(name, JOB, Scenario([market([True] * STEPS)]))
     assert not result.missed and result.ondemand_hours == 0
@@ -38,7 +38,7 @@ def test_never_available_means_on_demand_and_no_miss(name: str) -> None:
     result = run(name, JOB, Scenario([market([False] * STEPS)]))
     assert not result.missed
     assert result.spot_hours == 0
-    if name == "uniform-progress":  # it follows its line, stopping when ahead: a few restarts,
+    if name in ("uniform-progress", "up-failover"):  # it follows its line, stopping when ahead: a few restarts,
         # each after trying spot in vain (a refused launch delays the start, unbilled)
         assert result.starts <= 4 and result.cost == pytest.approx(1.0 * (4.0 + 0.2 * result.starts))
     else:
@@ -120,3 +120,13 @@ def test_omniscient_is_never_beaten(case) -> None:  # type: ignore[no-untyped-de
     for name in ("on-demand", "greedy", "uniform-progress", "cbas"):
         for home in range(len(scenario.markets)):
             assert best <= run(name, job, scenario, home).cost + 1e-9, name
+
+
+@pytest.mark.parametrize("name", ["greedy-multi", "up-failover"])
+def test_the_multi_zone_baselines_fail_over_to_another_zone(name: str) -> None:
+    # the cheap zone is reclaimed after an hour and never comes back; the other is always up
+    cheap = MarketSteps("cheap", "t", 1.0, [0.2] * STEPS, [True] * 10 + [False] * (STEPS - 10))
+    other = MarketSteps("other", "t", 1.0, [0.3] * STEPS, [True] * STEPS)
+    result = run(name, JOB, Scenario([cheap, other]))
+    assert not result.missed and result.preemptions == 1 and result.ondemand_hours == 0
+    assert result.actions[0] == 0 and result.actions[-1] == 1

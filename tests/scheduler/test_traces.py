@@ -45,3 +45,15 @@ def test_reads_every_shared_trace() -> None:
 def test_empty_folder_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(TraceError, match="no .csv"):
         load_traces(tmp_path)
+
+
+def test_a_bin_has_capacity_only_if_every_observation_in_it_has_and_costs_their_mean() -> None:
+    from cbas.scheduler.model import binned
+    from cbas.scheduler.traces import MarketSeries
+
+    series = MarketSeries("a", "t", 1.0, times=[0.0, 100.0, 700.0, 1300.0],
+                          available=[True, False, True, True], spot_price=[0.2, 0.4, 0.3, None])
+    steps = binned(series, 0.0, 3, 600 / 3600)
+    # the down row of 100 s holds until 700 s: it spoils the first two bins
+    assert steps.available == [False, False, True]
+    assert steps.price == pytest.approx([0.3, 0.35, 0.3])
