@@ -74,10 +74,12 @@ class AccessNotGranted(RuntimeError):
     """A job's machine cannot be given access to the job's files (or was given none)."""
 
 
-async def mutate_with_retries(store: JobStore, job_id: str, change: JobMutation, attempts: int = 20) -> Job | None:
-    """JobStore.mutate_job, the same for every store: read, change, write conditionally, again
-    on StaleWrite, until it lands or the change declines (returns None). Writers that lost back
-    off at random, or the same ones keep colliding (seen with eight at once on DynamoDB)."""
+async def mutate_with_retries(store: JobStore, job_id: str, change: JobMutation, event: JobEvent | None = None,
+                              attempts: int = 20) -> Job | None:
+    """JobStore.mutate_job, the same for every store: read, change, write conditionally (with the
+    event, in the same write), again on StaleWrite, until it lands or the change declines
+    (returns None). Writers that lost back off at random, or the same ones keep colliding (seen
+    with eight at once on DynamoDB)."""
     for lost in range(attempts):
         if lost:
             await asyncio.sleep(random.uniform(0, 0.001 * 2 ** min(lost, 7)))
@@ -86,7 +88,7 @@ async def mutate_with_retries(store: JobStore, job_id: str, change: JobMutation,
         if changed is None:
             return None
         try:
-            return await store.update_job(changed)
+            return await store.update_job(changed, event)
         except StaleWrite:
             continue
     raise StaleWrite(f"job {job_id}: too many concurrent writers")
@@ -112,11 +114,14 @@ class JobStore(Protocol):
     async def create_job(self, job: Job) -> Job: ...
     async def get_job(self, job_id: str) -> Job: ...
     async def list_jobs(self, states: set[JobState] | None = None) -> list[Job]: ...
-    async def update_job(self, job: Job) -> Job:
-        """Write job if its stored version is still job.version; raise StaleWrite otherwise."""
+    async def update_job(self, job: Job, event: JobEvent | None = None) -> Job:
+        """Write job if its stored version is still job.version; raise StaleWrite otherwise. The
+        event is added in the same atomic write: both land, or neither (a master killed between
+        two writes lost the event of a state it had written)."""
         ...
-    async def mutate_job(self, job_id: str, change: JobMutation) -> Job | None:
-        """Read, apply change (None: leave as is), write conditionally; retry on StaleWrite."""
+    async def mutate_job(self, job_id: str, change: JobMutation, event: JobEvent | None = None) -> Job | None:
+        """Read, apply change (None: leave as is), write conditionally with the event; retry on
+        StaleWrite."""
         ...
 
     async def put_ledger(self, entry: LedgerEntry) -> LedgerEntry: ...

@@ -64,6 +64,10 @@ class Job(BaseModel):
     move_reason: str | None = None  # a move under way: STOP_JOB (checkpoint first) was sent
     move_deadline: datetime | None = None  # ... and without a final checkpoint by then, it moves anyway
     checkpoint_requested_at: datetime | None = None  # the scheduler's last CHECKPOINT_NOW
+    # exactly once under redelivery: the newest checkpoints counted, and the WORKER_STARTED
+    # message the current attempt was started for (the same one again is not a restarted worker)
+    counted_checkpoints: list[str] = Field(default_factory=list)
+    announcement: str | None = None
     waiting_reason: str | None = None  # why it waits to be placed, as last recorded in its events
 
 
@@ -122,6 +126,7 @@ class JobEvent(BaseModel):
     at: datetime = Field(default_factory=utcnow)
     kind: str
     detail: str = ""
+    state: JobState | None = None  # the job's state after it, for the events of state changes
 
 
 class Machine(BaseModel):

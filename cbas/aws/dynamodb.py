@@ -11,7 +11,8 @@ Schema (partition key `pk`, sort key `sk`, both strings; index `by-state` on `st
 | seen message | `MSG#<id>` | `SEEN` | - (attribute `expires`, the table's TTL) |
 
 Every record is kept as JSON in `data` with its `version`; every update is a conditional write
-on that version, so of two writers exactly one wins. The state index is eventually consistent (a
+on that version, so of two writers exactly one wins. A job's update with its event is one
+TransactWriteItems (both land or neither; IAM authorizes each Put as dynamodb:PutItem). The state index is eventually consistent (a
 query may return an item under its old state, or twice): its hits are only candidates, read again
 from the table with consistent reads and filtered on the state they really have. Calls are
 blocking boto3 run in threads.
@@ -39,7 +40,13 @@ STATE_INDEX = "by-state"
 
 
 def _conditional_failed(error: ClientError) -> bool:
-    return error.response.get("Error", {}).get("Code") == "ConditionalCheckFailedException"
+    """A conditional write that lost; in a transaction, also one another transaction got in the
+    way of (TransactionConflict): both mean the item changed, so read it again."""
+    code = error.response.get("Error", {}).get("Code")
+    if code == "TransactionCanceledException":
+        reasons = {r.get("Code") for r in error.response.get("CancellationReasons", [])}
+        return bool(reasons & {"ConditionalCheckFailed", "TransactionConflict"})
+    return code == "ConditionalCheckFailedException"
 
 
 class DynamoJobStore:
@@ -144,18 +151,30 @@ class DynamoJobStore:
         jobs = [Job.model_validate_json(item["data"]) for item in items]
         return sorted(jobs, key=lambda job: (job.submitted_at, job.id))
 
-    async def update_job(self, job: Job) -> Job:
+    async def update_job(self, job: Job, event: JobEvent | None = None) -> Job:
         new = job.model_copy(update={"version": job.version + 1, "updated_at": utcnow()})
         try:
-            await self._run(self._put, self._job_item(new), "#v = :v", {":v": job.version}, {"#v": "version"})
+            if event is None:
+                await self._run(self._put, self._job_item(new), "#v = :v", {":v": job.version}, {"#v": "version"})
+            else:
+                await self._run(self._put_with_event, self._job_item(new), job.version, self._event_item(event))
         except ClientError as exc:
             if _conditional_failed(exc):
                 raise StaleWrite(f"job {job.id} changed since version {job.version}") from None
             raise
         return new
 
-    async def mutate_job(self, job_id: str, change: JobMutation) -> Job | None:
-        return await mutate_with_retries(self, job_id, change)
+    def _put_with_event(self, item: dict[str, Any], version: int, event: dict[str, Any]) -> None:
+        """The job's conditional write and its event as one transaction (both land, or neither).
+        The resource's client types plain values itself, as the table's calls do."""
+        self.resource.meta.client.transact_write_items(TransactItems=[
+            {"Put": {"TableName": self.table_name, "Item": item, "ConditionExpression": "#v = :v",
+                     "ExpressionAttributeNames": {"#v": "version"}, "ExpressionAttributeValues": {":v": version}}},
+            {"Put": {"TableName": self.table_name, "Item": event}},
+        ])
+
+    async def mutate_job(self, job_id: str, change: JobMutation, event: JobEvent | None = None) -> Job | None:
+        return await mutate_with_retries(self, job_id, change, event)
 
     # --- the ledger -------------------------------------------------------------------------------------
     async def put_ledger(self, entry: LedgerEntry) -> LedgerEntry:
@@ -219,9 +238,13 @@ class DynamoJobStore:
                     raise
         raise StaleWrite(f"checkpoint {checkpoint_id} of job {job_id} kept changing")
 
+    @staticmethod
+    def _event_item(event: JobEvent) -> dict[str, Any]:
+        return {"pk": f"JOB#{event.job_id}", "sk": f"EVENT#{event.at.isoformat()}#{secrets.token_hex(4)}",
+                "data": event.model_dump_json()}
+
     async def add_event(self, event: JobEvent) -> None:
-        sk = f"EVENT#{event.at.isoformat()}#{secrets.token_hex(4)}"
-        await self._run(self.table.put_item, Item={"pk": f"JOB#{event.job_id}", "sk": sk, "data": event.model_dump_json()})
+        await self._run(self.table.put_item, Item=self._event_item(event))
 
     async def list_events(self, job_id: str) -> list[JobEvent]:
         items = await self._run(self._query_pk, f"JOB#{job_id}", "EVENT#")

@@ -20,6 +20,25 @@ log = structlog.get_logger(__name__)
 SEEN_PRUNE_SECONDS = 10.0
 
 
+Statement = tuple[str, tuple[object, ...]]
+
+
+def _in_one_transaction(conn: sqlite3.Connection, condition: Statement, then: Statement) -> int:
+    """`condition` (a conditional write), and `then` only if it changed a row, as one
+    transaction: rows `condition` changed. Safe to run again: nothing stays of a try that failed."""
+    conn.execute("BEGIN IMMEDIATE")  # the write lock first: "database is locked" here changes nothing
+    try:
+        changed = conn.execute(*condition).rowcount
+        if changed == 1:
+            conn.execute(*then)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return changed
+
+
 class SqliteJobStore:
     """Each query is a short local transaction; conditional writes use `WHERE version = ?`."""
 
@@ -57,16 +76,21 @@ class SqliteJobStore:
         jobs = [Job.model_validate_json(row[0]) for row in await self._query("SELECT data FROM jobs ORDER BY rowid")]
         return [job for job in jobs if states is None or job.state in states]
 
-    async def update_job(self, job: Job) -> Job:
+    async def update_job(self, job: Job, event: JobEvent | None = None) -> Job:
         new = job.model_copy(update={"version": job.version + 1, "updated_at": utcnow()})
-        changed = await self._change("UPDATE jobs SET state = ?, version = ?, data = ? WHERE id = ? AND version = ?",
-                                     (new.state.value, new.version, new.model_dump_json(), job.id, job.version))
+        update = ("UPDATE jobs SET state = ?, version = ?, data = ? WHERE id = ? AND version = ?",
+                  (new.state.value, new.version, new.model_dump_json(), job.id, job.version))
+        if event is None:
+            changed = await self._change(*update)
+        else:
+            changed = await self._db.run(lambda conn: _in_one_transaction(conn, update, (
+                "INSERT INTO events (job_id, data) VALUES (?, ?)", (event.job_id, event.model_dump_json()))))
         if changed != 1:
             raise StaleWrite(f"job {job.id} changed since version {job.version}")
         return new
 
-    async def mutate_job(self, job_id: str, change: JobMutation) -> Job | None:
-        return await mutate_with_retries(self, job_id, change)
+    async def mutate_job(self, job_id: str, change: JobMutation, event: JobEvent | None = None) -> Job | None:
+        return await mutate_with_retries(self, job_id, change, event)
 
     async def put_ledger(self, entry: LedgerEntry) -> LedgerEntry:
         new = entry.model_copy(update={"version": entry.version + 1})

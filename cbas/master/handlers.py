@@ -20,7 +20,7 @@ registry: MessageRegistry[Master] = MessageRegistry()
 
 @registry.handler(MessageType.WORKER_STARTED)
 async def on_worker_started(master: Master, message: Envelope, body: WorkerStarted) -> None:
-    await master.worker_started(body.instance_id)
+    await master.worker_started(body.instance_id, announcement=message.id)
     await master.forget_key_drop(authority.claimed_ledger_id(message))  # its worker has the key now
 
 

@@ -59,8 +59,8 @@ class JobImages:
             log.warning("image.failed", job_id=job_id, error=str(exc))
             await self.on_failed(job_id, str(exc))
         else:
-            await self.store.mutate_job(job_id, lambda j: j.model_copy(update={"image_id": image_id}))
-            await self.store.add_event(JobEvent(job_id=job_id, kind="image-ready", detail=image_id))
+            await self.store.mutate_job(job_id, lambda j: j.model_copy(update={"image_id": image_id}),
+                                        JobEvent(job_id=job_id, kind="image-ready", detail=image_id))
             self.on_ready()
         finally:
             self._building.pop(job_id, None)

@@ -123,12 +123,9 @@ class Placement(Transitions):
         the job is no longer queued."""
         if job.waiting_reason == reason:
             return job
-        waiting = await self.store.mutate_job(job.id, lambda j: j.model_copy(
-            update={"waiting_reason": reason}) if j.state == JobState.QUEUED else None)
-        if waiting is None:
-            return None
-        await self.store.add_event(JobEvent(job_id=job.id, kind="waiting", detail=reason))
-        return waiting
+        return await self.store.mutate_job(job.id, lambda j: j.model_copy(
+            update={"waiting_reason": reason}) if j.state == JobState.QUEUED else None,
+            JobEvent(job_id=job.id, kind="waiting", detail=reason))
 
     async def _disk_for(self, job: Job, description: jdl.JobDescription) -> DiskSpec:
         disk = DiskSpec(image_id=job.image_id)
@@ -150,10 +147,10 @@ class Placement(Transitions):
         if not job.instance_id or now - last < 2 * (job.checkpoint_seconds or 0.0) + self.settings.schedule_interval:
             return
         asked = await self.store.mutate_job(job.id, lambda j: j.model_copy(
-            update={"checkpoint_requested_at": from_epoch(now)}) if on_machine(j, job.instance_id) else None)
+            update={"checkpoint_requested_at": from_epoch(now)}) if on_machine(j, job.instance_id) else None,
+            JobEvent(job_id=job.id, kind="checkpoint-requested", detail=reason))
         if asked is None:
             return
-        await self.store.add_event(JobEvent(job_id=job.id, kind="checkpoint-requested", detail=reason))
         await self.send_quietly(envelope(MessageType.CHECKPOINT_NOW, CheckpointNow(job_id=job.id, reason=reason),
                                           MASTER, worker_address(job.instance_id)))
 
@@ -164,11 +161,11 @@ class Placement(Transitions):
             return
         deadline = time.time() + self.settings.migrate_timeout
         moving = await self.store.mutate_job(job.id, lambda j: j.model_copy(
-            update={"move_reason": reason, "move_deadline": from_epoch(deadline)}) if on_machine(j, job.instance_id) else None)
+            update={"move_reason": reason, "move_deadline": from_epoch(deadline)}) if on_machine(j, job.instance_id) else None,
+            JobEvent(job_id=job.id, kind="moving", detail=reason))
         if moving is None:
             return  # it left the machine meanwhile
         self.moves.arm(job.id, deadline)
-        await self.store.add_event(JobEvent(job_id=job.id, kind="moving", detail=reason))
         crash_point("move-requested")
         await self.ask_to_stop_for_move(job.id, job.instance_id, reason)
 

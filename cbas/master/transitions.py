@@ -3,8 +3,8 @@
 `next_job` is pure: given a job and the change asked for, it returns the job as it is to be
 written, or None when the change does not apply (the state machine forbids it, or the message
 asking for it speaks for an attempt or a machine the job has left: fencing). `transition` applies
-it through JobStore.mutate_job, a conditional write, so a duplicated, late or reordered message
-changes nothing, and records the event.
+it through JobStore.mutate_job, a conditional write that records the event with the state (both
+or neither), so a duplicated, late or reordered message changes nothing.
 
 The part of the Master (cbas.master.service) every other part builds on.
 """
@@ -67,15 +67,15 @@ class Transitions(MasterPart):
         def change(job: Job) -> Job | None:  # mutate_job may call it again on a write conflict
             return next_job(job, target, attempt=attempt, instance_id=instance_id, now=utcnow(), update=update)
 
-        try:
-            new = await self.store.mutate_job(job_id, change)
+        try:  # the event in the same write: a master killed after it has both or neither
+            new = await self.store.mutate_job(job_id, change, JobEvent(job_id=job_id, kind=event, detail=detail,
+                                                                       state=target))
         except NotFound:
             log.warning("job.unknown", job_id=job_id, target=target)
             return None
         if new is None:
             log.info("job.transition_ignored", job_id=job_id, target=target, cause=event)
             return None
-        await self.store.add_event(JobEvent(job_id=job_id, kind=event, detail=detail))
         log.info("job.state", job_id=job_id, state=new.state, cause=event, detail=detail)
         if target.is_terminal():
             await self.drop_snapshots(job_id, keep=0)

@@ -25,6 +25,7 @@ from cbas.models import CheckpointRecord, Job, JobEvent, LedgerEntry, from_epoch
 from cbas.state import JobState
 
 log = structlog.get_logger(__name__)
+COUNTED_KEPT = 16  # a fact is sent again within seconds of a lost ACK, long before 16 newer checkpoints
 
 
 def measured_restart(job: Job) -> float | None:
@@ -50,6 +51,7 @@ def counted(job: Job, record: CheckpointRecord) -> dict[str, Any]:
     for the current attempt is its progress (and ends any run of stalled attempts)."""
     took = record.pause_seconds + record.upload_seconds
     return {
+        "counted_checkpoints": (job.counted_checkpoints + [record.id])[-COUNTED_KEPT:],
         "checkpoint_seconds": took if job.checkpoint_seconds is None else 0.5 * (job.checkpoint_seconds + took),
         "last_checkpoint_at": record.created_at,
         "checkpoints": job.checkpoints + 1,
@@ -66,7 +68,9 @@ class WorkerEvents(Restarts):
     """The Master's side of what its workers say."""
 
     # --- WORKER_STARTED: a machine's worker is up and asks what to run ----------------------------
-    async def worker_started(self, instance_id: str) -> None:
+    async def worker_started(self, instance_id: str, announcement: str | None = None) -> None:
+        """`announcement`: the message's id. The same announcement again (the master died after
+        starting the attempt, before its ACK) is the same worker: START_JOB goes again."""
         entry = await self.resources.entry_for(instance_id)
         if entry is None:  # no machine of ours (any more): let it go
             log.warning("worker.unknown_machine", instance_id=instance_id)
@@ -75,10 +79,14 @@ class WorkerEvents(Restarts):
         job = await self._with_placement(entry, instance_id)
         if self.workers.was_noticed(instance_id):
             return  # about to be reclaimed: the job is restarted elsewhere at the notice's end
+        if announcement is not None and job.announcement == announcement and job.instance_id == instance_id:
+            if job.state == JobState.STARTING:  # the worker ignores a START_JOB it has already
+                await self._send_start(job, instance_id, await self._restorable(job.id))
+            return
         if job.state != JobState.PROVISIONING or job.instance_id != instance_id:
             await self._not_to_start(job, instance_id)
             return
-        await self._start_attempt(job, instance_id)
+        await self._start_attempt(job, instance_id, announcement)
 
     async def _with_placement(self, entry: LedgerEntry, instance_id: str) -> Job:
         """The machine's job, with its placement on this machine recorded if the worker booted
@@ -100,7 +108,7 @@ class WorkerEvents(Restarts):
             await self._release(job.id, instance_id, reason="machine not needed")
         # else (the job names this machine but is not on one) nothing is done
 
-    async def _start_attempt(self, job: Job, instance_id: str) -> None:
+    async def _start_attempt(self, job: Job, instance_id: str, announcement: str | None) -> None:
         """A new attempt: STARTING if the job is still PROVISIONING on this machine (a copy of the
         announcement handled at the same time finds it STARTING), then START_JOB with the
         checkpoints to restore, newest first."""
@@ -115,6 +123,7 @@ class WorkerEvents(Restarts):
                 "restored_from": checkpoints[0] if checkpoints else None,
                 "attempt_checkpoints": 0,
                 "resumed_work_seconds": resumed_from(restorable),
+                "announcement": announcement,
             },
         )
         if started is None:
@@ -219,20 +228,24 @@ class WorkerEvents(Restarts):
             log.info("checkpoint.stale", job_id=job.id, checkpoint=record.id)
             return
         record = record.model_copy(update={"work_seconds": checkpointed_work(job, record)})
-        if await self.store.add_checkpoint(record):  # False: a copy of one recorded already
-            await self._count_checkpoint(job, record)
+        if not await self.store.add_checkpoint(record):  # recorded already: counted unless the master died first
+            record = next((r for r in await self.store.list_checkpoints(job.id) if r.id == record.id), record)
+        await self._count_checkpoint(job, record)
         if final:  # the worker stopped the job after it: its attempt on the sender's machine is over
             await self._end_checkpointed_attempt(job, instance_id)
 
     async def _count_checkpoint(self, job: Job, record: CheckpointRecord) -> None:
-        """A checkpoint recorded for the first time: the job's statistics, its event, and the
-        restart it proves is making progress (its stall watchdog goes)."""
+        """A recorded checkpoint, counted once: the job's statistics with its event (one write),
+        and the restart it proves is making progress (its stall watchdog goes)."""
         crash_point("checkpoint-recorded")
+        now_counted = await self.store.mutate_job(
+            job.id, lambda j: None if record.id in j.counted_checkpoints else j.model_copy(update=counted(j, record)),
+            JobEvent(job_id=job.id, kind="checkpoint", detail=checkpoint_detail(record)))
+        if now_counted is None:
+            return  # a copy of one counted already
         self.metrics.checkpoint_seconds.observe(record.pause_seconds + record.upload_seconds)
         self.metrics.checkpoint_bytes.observe(record.new_bytes)
-        await self.store.mutate_job(job.id, lambda j: j.model_copy(update=counted(j, record)))
         self.progress.disarm(job.id)
-        await self.store.add_event(JobEvent(job_id=job.id, kind="checkpoint", detail=checkpoint_detail(record)))
         if record.snapshot_id:  # a newer disk snapshot: those beyond the kept ones go
             await self.drop_snapshots(job.id, keep=self.settings.checkpoints_kept)
 
@@ -255,9 +268,12 @@ class WorkerEvents(Restarts):
         """A checkpoint that does not count (its sender is the job's current machine and attempt):
         shown with its reason, and remembered to judge a restart loop by."""
         detail = f"{failure.checkpoint_id} ({failure.reason}): {failure.error}"
-        await self.store.mutate_job(failure.job_id, lambda j: j.model_copy(update={"last_checkpoint_error": detail}))
-        await self.store.add_event(JobEvent(job_id=failure.job_id, kind="checkpoint-failed", detail=detail))
-        self.metrics.checkpoint_failures.inc()
+        noted = await self.store.mutate_job(  # a copy of the same report changes nothing
+            failure.job_id, lambda j: j.model_copy(update={"last_checkpoint_error": detail})
+            if j.last_checkpoint_error != detail else None, JobEvent(job_id=failure.job_id, kind="checkpoint-failed",
+                                                                     detail=detail))
+        if noted is not None:
+            self.metrics.checkpoint_failures.inc()
 
     # --- SPOT_NOTICE, JOB_DONE / JOB_FAILED --------------------------------------------------------
     async def spot_notice(self, instance_id: str, action_time: float) -> None:

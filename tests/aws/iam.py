@@ -10,8 +10,9 @@ policy it checks against the caller's ARN, literally). Every other call is check
 resource "*", which a statement naming an ARN never matches: `moto_view` widens those statements
 to "*", their actions unchanged (it keeps SQS statements made only of calls on a queue that
 exists, such as the master's inbox's, as written). moto also takes SQS's batch calls for actions
-of their own (sqs:DeleteMessageBatch...), where AWS authorizes them by the single call's action:
-`moto_view` adds the batch twin beside each. Conditions are not evaluated (only StringEquals on sts:ExternalId
+of their own (sqs:DeleteMessageBatch...), and DynamoDB's TransactWriteItems, where AWS authorizes
+them by each part's single call's action (sqs:DeleteMessage, dynamodb:PutItem): `moto_view` adds
+the twin beside each. Conditions are not evaluated (only StringEquals on sts:ExternalId
 of a trust policy), session policies of AssumeRole are stored and ignored, and credentials never
 expire. A pass proves less than real IAM; a failure is real.
 """
@@ -32,7 +33,9 @@ KEPT_EXACT = ("s3:", "sts:", "iam:")  # services whose resources moto matches: t
 # ListQueues are checked against "*")
 SQS_ON_A_QUEUE = frozenset({"sqs:ReceiveMessage", "sqs:DeleteMessage", "sqs:ChangeMessageVisibility",
                             "sqs:GetQueueAttributes", "sqs:SendMessage"})
-SQS_BATCHED = ("sqs:DeleteMessage", "sqs:ChangeMessageVisibility", "sqs:SendMessage")  # each has a ...Batch call
+# calls moto authorizes as actions of their own, where AWS authorizes each part by its single call's action
+MOTO_TWINS = {"sqs:DeleteMessage": "sqs:DeleteMessageBatch", "sqs:ChangeMessageVisibility": "sqs:ChangeMessageVisibilityBatch",
+              "sqs:SendMessage": "sqs:SendMessageBatch", "dynamodb:PutItem": "dynamodb:TransactWriteItems"}
 ADMIN_POLICY = {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "*", "Resource": "*"}]}
 
 
@@ -50,9 +53,9 @@ def moto_view(policy: dict[str, Any]) -> dict[str, Any]:
         actions = _actions(statement)
         if not (all(a.startswith(KEPT_EXACT) for a in actions) or set(actions) <= SQS_ON_A_QUEUE):
             statement["Resource"] = "*"
-        batched = [f"{a}Batch" for a in actions if a in SQS_BATCHED]
-        if batched:
-            statement["Action"] = actions + batched
+        twins = [MOTO_TWINS[a] for a in actions if a in MOTO_TWINS]
+        if twins:
+            statement["Action"] = actions + twins
     return view
 
 

@@ -56,6 +56,33 @@ async def test_concurrent_mutations_all_land(store) -> None:  # type: ignore[no-
     assert job.restarts == 8 and job.version == 8
 
 
+async def test_a_state_and_its_event_land_together_or_not_at_all(store) -> None:  # type: ignore[no-untyped-def]
+    job = await store.create_job(Job(id="j1"))
+    queued = await store.update_job(job.model_copy(update={"state": JobState.QUEUED}),
+                                    JobEvent(job_id="j1", kind="queued", state=JobState.QUEUED))
+    with pytest.raises(StaleWrite):  # a writer that lost: its event is not written either
+        await store.update_job(job.model_copy(update={"state": JobState.CANCELLED}),
+                               JobEvent(job_id="j1", kind="cancelled", state=JobState.CANCELLED))
+    await store.mutate_job("j1", lambda j: j.model_copy(update={"state": JobState.PROVISIONING}),
+                           JobEvent(job_id="j1", kind="provisioning", state=JobState.PROVISIONING))
+    await store.mutate_job("j1", lambda j: None, JobEvent(job_id="j1", kind="declined"))  # no change, no event
+    assert [(e.kind, e.state) for e in await store.list_events("j1")] == [
+        ("queued", JobState.QUEUED), ("provisioning", JobState.PROVISIONING)]
+    assert (await store.get_job("j1")).version == queued.version + 1
+
+
+async def test_concurrent_mutations_with_events_all_land_each_with_its_event(store) -> None:  # type: ignore[no-untyped-def]
+    await store.create_job(Job(id="j1"))
+
+    async def bump(n: int) -> None:
+        await store.mutate_job("j1", lambda job: job.model_copy(update={"restarts": job.restarts + 1}),
+                               JobEvent(job_id="j1", kind=f"bump-{n}"))
+
+    await asyncio.gather(*(bump(n) for n in range(6)))
+    assert (await store.get_job("j1")).restarts == 6
+    assert sorted(e.kind for e in await store.list_events("j1")) == [f"bump-{n}" for n in range(6)]
+
+
 async def test_queries_by_state(store) -> None:  # type: ignore[no-untyped-def]
     await store.create_job(Job(id="a", state=JobState.QUEUED))
     await store.create_job(Job(id="b", state=JobState.RUNNING))

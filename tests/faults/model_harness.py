@@ -30,6 +30,9 @@ from cbas.wiring import db_path
 from tests.faults.model_world import Clock, ModelBus, ModelCloud, ModelWorker, Network
 
 JDL = jdl.write(jdl.JobDescription(executable="/bin/true", name="model"))
+# the job store's writes: the master may die after any of them, before the next
+STORE_WRITES = ("create_job", "update_job", "put_ledger", "add_checkpoint", "mark_checkpoint_bad",
+                "mark_snapshot_deleted", "add_event", "first_sighting")
 
 
 class MasterKilled(BaseException):
@@ -65,6 +68,7 @@ class World:
         self.jobs: list[str] = []
         self.notices: Counter[str] = Counter()  # job id -> spot notices its machines were given
         self.crash_at: str | None = None
+        self.writes_left: int | None = None  # the master dies once this many more store writes landed
         self._patch()
         self.master_up()
 
@@ -83,6 +87,22 @@ class World:
         if self.crash_at == name:
             self.crash_at = None
             raise MasterKilled(name)
+
+    def _dying_after_writes(self, store: SqliteJobStore) -> SqliteJobStore:
+        """The store, each write of which may be the master's last (it lands; nothing after it runs)."""
+        for name in STORE_WRITES:
+            def counted(write: Callable[..., Awaitable[Any]], name: str = name) -> Callable[..., Awaitable[Any]]:
+                async def write_then_maybe_die(*args: Any, **kwargs: Any) -> Any:
+                    result = await write(*args, **kwargs)
+                    if self.writes_left is not None:
+                        self.writes_left -= 1
+                        if self.writes_left <= 0:
+                            self.writes_left = None
+                            raise MasterKilled(f"after {name}")
+                    return result
+                return write_then_maybe_die
+            setattr(store, name, counted(getattr(store, name)))
+        return store
 
     def run(self, coroutine: Awaitable[Any]) -> Any:
         return self.loop.run_until_complete(coroutine)
@@ -110,7 +130,7 @@ class World:
 
     # --- the master -------------------------------------------------------------------------------
     def master_up(self) -> None:
-        backends = Backends(store=SqliteJobStore(db_path(self.settings)), blobs=self.blobs,
+        backends = Backends(store=self._dying_after_writes(SqliteJobStore(db_path(self.settings))), blobs=self.blobs,
                             bus=self.bus, cloud=self.cloud)
         self.master = Master(self.settings, backends, workers=WorkerManager(self.settings, clock=self.clock))
         self.inbox = Inbox(self.master)
@@ -214,6 +234,16 @@ class World:
                 assert job.attempt == self.bus.started.get(job.id), (
                     f"job {job.id} completed with attempt {job.attempt}; the newest started was "
                     f"{self.bus.started.get(job.id)}")
+            records = self.run(self.master.store.list_checkpoints(job.id))
+            events = self.run(self.master.store.list_events(job.id))
+            assert job.checkpoints <= len(records), (
+                f"job {job.id}: {job.checkpoints} checkpoints counted, {len(records)} recorded (one counted twice)")
+            counted = [e for e in events if e.kind == "checkpoint"]
+            assert len(counted) == job.checkpoints, (
+                f"job {job.id}: {job.checkpoints} checkpoints counted, {len(counted)} checkpoint events")
+            states = [e.state for e in events if e.state is not None]
+            assert (states[-1] if states else JobState.SUBMITTING) == job.state, (
+                f"job {job.id} is {job.state}; the newest state its events show is {states[-1:]}")
             if job.state.is_terminal():
                 held = [m.instance_id for m in self.cloud.machines.values()
                         if m.tags["cbas:job"] == job.id and self.cloud.live(m.instance_id)]
@@ -221,7 +251,7 @@ class World:
 
     def calm_down(self) -> list[Job]:
         """The trouble ends: the master is up, messages arrive, workers finish. Every job must."""
-        self.crash_at = None
+        self.crash_at = self.writes_left = None
         if self.master is None:
             self.master_up()
         for _ in range(40):
@@ -233,6 +263,9 @@ class World:
             jobs = self.jobs_now()
             if all(job.state.is_terminal() for job in jobs) and not self.cloud.live_workers():
                 assert all(job.state == JobState.COMPLETED for job in jobs), [(j.id, j.state, j.error) for j in jobs]
+                for job in jobs:  # every checkpoint it recorded was counted, once
+                    records = self.run(self.master.store.list_checkpoints(job.id))  # type: ignore[union-attr]
+                    assert job.checkpoints == len(records), (job.id, job.checkpoints, [r.id for r in records])
                 return jobs
         states = {job.id: job.state.value for job in self.jobs_now()}
         raise AssertionError(f"jobs stuck after the world calmed down: {states}; "

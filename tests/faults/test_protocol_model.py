@@ -1,13 +1,14 @@
 """Proof by model: the real Master among model workers through a hostile world
 (tests/faults/model_harness.py), driven by hypothesis: messages delivered in any order, twice,
-minutes late or never (after the bus's retries), the master killed between any two steps or at
-a crash point inside a handler, and restarted; machines reclaimed after a notice or lost without
+minutes late or never (after the bus's retries), the master killed between any two steps, at
+a crash point inside a handler, or after any write to its store, and restarted; machines reclaimed after a notice or lost without
 one; moves and checkpoint requests.
 
 After every step: no machine is stopped by another machine's message (an old attempt's late word
 never ends a live machine), a preemption is counted only for a real spot notice, a finished job's
 result is its last attempt's, a finished job holds no machine, an honest worker's message is
-never refused. At the end the world calms down and every job must finish: none lost or stuck.
+never refused, no checkpoint is counted twice and each counted one has its event, the newest
+state a job's events show is its state. At the end the world calms down and every job must finish: none lost or stuck.
 Scenario tests below replay what the model found.
 
 CBAS_MODEL_EXAMPLES=<n> runs more examples (a soak: `--timeout 0`); the default keeps the suite quick.
@@ -118,6 +119,12 @@ class Protocol(RuleBasedStateMachine):
     @rule(point=st.sampled_from(CRASH_POINTS))
     def master_will_die_at(self, point: str) -> None:
         self.world.crash_at = point
+
+    @precondition(lambda self: self.world.master is not None and self.world.writes_left is None)
+    @rule(writes=st.integers(1, 8))
+    def master_will_die_after_writes(self, writes: int) -> None:
+        """kill -9 between any two of the store's writes, not only at the named points."""
+        self.world.writes_left = writes
 
     @invariant()
     def always(self) -> None:
@@ -252,4 +259,66 @@ def test_a_job_whose_machine_was_lost_after_it_finished_completes_with_its_resul
     [job] = world.jobs_now()
     assert job.state == JobState.COMPLETED and job.restarts == 0, job
     world.check()  # with the result of that attempt on that machine
+    world.calm_down()
+
+
+def test_a_checkpoint_recorded_before_the_master_died_is_counted_when_its_worker_says_it_again(world: World) -> None:
+    """Recorded, not yet counted, then kill -9: the worker sends the fact again (not ACKed) and it
+    must count then (it was taken for a copy of one counted: the job showed no checkpoint, and a
+    restart loop judged by it fell back from a good checkpoint)."""
+    running_job(world)
+    [worker] = world.running_workers()
+    world.crash_at = "checkpoint-recorded"
+    worker.checkpoint()
+    world.deliver_everything()
+    assert world.master is None
+    world.master_up()
+    world.time_passes(5)  # the worker pings, and sends what was not ACKed again
+    world.deliver_everything()
+    [job] = world.jobs_now()
+    assert job.checkpoints == 1 and job.attempt_checkpoints == 1 and job.last_checkpoint is not None, job
+    world.check()
+    world.calm_down()
+
+
+def test_an_announcement_handled_again_after_the_master_died_starts_the_job_on_its_machine(world: World) -> None:
+    """STARTING recorded, START_JOB not sent, kill -9: the same WORKER_STARTED comes again. It is
+    the same worker, not one that restarted and lost its job (its machine was let go as lost)."""
+    world.submit(1)
+    world.crash_at = "start-recorded"
+    world.deliver_everything()
+    assert world.master is None
+    world.master_up()
+    for _ in range(3):
+        world.deliver_everything()
+        world.time_passes(5)
+    [job] = world.jobs_now()
+    assert job.state == JobState.RUNNING and job.restarts == 0 and len(world.cloud.machines) == 1, job
+    world.calm_down()
+
+
+@pytest.mark.parametrize("writes", range(1, 13))
+def test_the_master_dying_after_any_write_of_a_job_s_first_run_loses_nothing(world: World, writes: int) -> None:
+    """kill -9 after the n-th store write from submission to a checkpoint: every state change has
+    its event, every checkpoint is counted once, and the job runs on its first machine."""
+    world.submit(1)
+    world.writes_left = writes
+    for _ in range(3):
+        if world.master is None:
+            world.master_up()
+        world.deliver_everything()
+        world.time_passes(5)
+        world.check()
+    for worker in world.running_workers():
+        worker.checkpoint()
+    for _ in range(3):
+        if world.master is None:
+            world.master_up()
+        world.deliver_everything()
+        world.time_passes(5)
+        world.check()
+    if world.master is None:
+        world.master_up()
+    [job] = world.jobs_now()
+    assert job.restarts == 0 and len(world.cloud.machines) == 1, job
     world.calm_down()
