@@ -60,6 +60,9 @@ class RetryingBlobStore:
     def exists(self, key: str) -> bool:
         return self._retry(f"exists {key}", lambda: self.inner.exists(key))
 
+    def modified(self, key: str) -> float:
+        return self._retry(f"modified {key}", lambda: self.inner.modified(key))
+
     def list(self, prefix: str) -> list[str]:
         return self._retry(f"list {prefix}", lambda: self.inner.list(prefix))
 

@@ -84,6 +84,15 @@ class S3BlobStore:
                 raise BlobNotFound(key) from None
             raise
 
+    @aws_retry
+    def modified(self, key: str) -> float:
+        try:
+            return float(self.client.head_object(Bucket=self.bucket, Key=key)["LastModified"].timestamp())
+        except ClientError as exc:
+            if self._absent(key, exc):
+                raise BlobNotFound(key) from None
+            raise
+
     def exists(self, key: str) -> bool:
         try:
             self.size(key)

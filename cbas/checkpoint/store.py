@@ -30,6 +30,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Iterable
 
+import structlog
 from pydantic import ValidationError
 
 from cbas.backends import BlobNotFound, BlobStore
@@ -41,6 +42,10 @@ from cbas.checkpoint.manifest import (
 from cbas.checkpoint.pipeline import CommitCancelled, capture_deferred, cut_and_store
 from cbas.checkpoint.restore import fetch_chunk, restore_files
 from cbas.models import utcnow
+
+log = structlog.get_logger(__name__)
+# a chunk no manifest names yet may be another writer's commit under way: it is left this long
+GC_GRACE_SECONDS = 3600.0
 
 __all__ = ["ChunkStore", "CommitCancelled", "CorruptCheckpoint", "Manifest", "Snapshot", "StateChanged",
            "UnsupportedFile", "seal", "unseal"]
@@ -86,6 +91,7 @@ class ChunkStore:
         self._unpin_later: list[set[str]] = []
         self._captures = 0
         self._kept: set[Path] = set()  # capture folders whose bytes _seen uses
+        self.gc_grace_seconds = GC_GRACE_SECONDS
 
     # --- keys ---------------------------------------------------------------------------------
     def chunk_key(self, chunk_id: str) -> str:
@@ -93,6 +99,9 @@ class ChunkStore:
 
     def manifest_key(self, checkpoint_id: str) -> str:
         return f"jobs/{self.job_id}/ckpt/{checkpoint_id}/manifest.json"
+
+    def attempt_key(self, attempt: int) -> str:
+        return f"jobs/{self.job_id}/attempts/a{attempt:04d}.json"
 
     def known_chunks(self) -> set[str]:
         """Chunks already stored for this job (listed once, then kept up to date)."""
@@ -301,15 +310,31 @@ class ChunkStore:
         """A checkpoint that must never be restored (it failed validation): its manifest goes."""
         self.blobs.delete(self.manifest_key(checkpoint_id))
 
-    # --- forgetting -----------------------------------------------------------------------------------
     def checkpoint_ids(self) -> list[str]:
         keys = self.blobs.list(f"jobs/{self.job_id}/ckpt/")
         return sorted({key.split("/")[3] for key in keys if key.endswith("/manifest.json")})
 
-    def collect_garbage(self, keep: int = 3, protect: Iterable[str] = ()) -> tuple[list[str], int]:
+    # --- forgetting -----------------------------------------------------------------------------------
+    def claim_attempt(self, attempt: int, restored_from: str | None) -> None:
+        """Say that `attempt` writes this job's checkpoints now (before its job runs): the worker
+        of an older attempt, still running cut off from the master (a zombie), then collects
+        nothing, for it would delete chunks the newer attempt reuses from what it restored."""
+        self.blobs.put_bytes(self.attempt_key(attempt), json.dumps({"restored_from": restored_from}).encode())
+
+    def newest_attempt(self) -> int:
+        names = [key.rsplit("/", 1)[1] for key in self.blobs.list(f"jobs/{self.job_id}/attempts/")]
+        return max((int(name[1:5]) for name in names if name[:1] == "a" and name[1:5].isdigit()), default=0)
+
+    def collect_garbage(self, keep: int = 3, protect: Iterable[str] = (), attempt: int | None = None) -> tuple[list[str], int]:
         """Keep the newest `keep` checkpoints (and `protect`ed ones); delete other manifests and
-        every chunk no kept manifest uses and no snapshot under way has pinned. Returns the
-        deleted checkpoint ids and chunk count."""
+        every chunk no kept manifest uses, no snapshot under way has pinned, and older than the
+        grace period (another writer's commit under way has stored it, not yet its manifest).
+        With the collector's `attempt`, nothing is collected once a newer attempt has claimed
+        the job. Returns the deleted checkpoint ids and chunk count."""
+        if attempt is not None and self.newest_attempt() > attempt:
+            log.warning("checkpoint.collect_skipped", job_id=self.job_id, attempt=attempt,
+                        why="a newer attempt writes this job's checkpoints: this one is not the job's any more")
+            return [], 0
         with self._lock:
             self._collecting += 1
         try:
@@ -338,6 +363,12 @@ class ChunkStore:
         for key in self.blobs.list(f"jobs/{self.job_id}/chunks/"):
             chunk_id = key.rsplit("/", 1)[1]
             if chunk_id in used:
+                continue
+            try:
+                young = time.time() - self.blobs.modified(key) < self.gc_grace_seconds
+            except BlobNotFound:
+                continue  # gone already (another collector)
+            if young:
                 continue
             with self._lock:  # a snapshot that finds it known pins it first, or stages a new copy
                 if chunk_id in self._pinned:

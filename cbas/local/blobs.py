@@ -79,6 +79,12 @@ class FolderBlobStore:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
+    def modified(self, key: str) -> float:
+        try:
+            return self._path(key).stat().st_mtime
+        except FileNotFoundError:
+            raise BlobNotFound(key) from None
+
     def list(self, prefix: str) -> list[str]:
         base = self.root / prefix if prefix else self.root
         start = base if base.is_dir() else base.parent

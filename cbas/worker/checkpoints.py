@@ -223,6 +223,6 @@ class Checkpoints:
 
     def _collect_garbage(self) -> None:
         dropped, chunks = self.store.collect_garbage(
-            keep=self.keep, protect=[self.restored_from] if self.restored_from else [])
+            keep=self.keep, protect=[self.restored_from] if self.restored_from else [], attempt=self.attempt)
         if dropped:
             self.log.info("checkpoint.collected", dropped=dropped, chunks=chunks)

@@ -186,6 +186,11 @@ class JobRun:
         else:
             self.restored_from = on_volume
             self.log.info("checkpoint.restored", checkpoint=on_volume, source="volume snapshot")
+        if on_volume is None:  # before the job runs: an older attempt's worker, if it still runs, collects nothing
+            try:
+                await asyncio.to_thread(self.store.claim_attempt, self.start.attempt, self.restored_from)
+            except Exception as exc:  # the blob store gave up: its checkpoints would fail too, and say so
+                self.log.warning("attempt.claim_failed", error=str(exc))
         ctx.env = self.sandbox.environment(ctx, self.identity.name, restored=self.restored_from is not None)
         validate = Validator(self.layout, ctx, self.checkpointer, self._open_store, self._make_cgroup) \
             if self.description.validate_checkpoint else None

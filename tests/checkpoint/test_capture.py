@@ -91,6 +91,7 @@ def test_collecting_garbage_spares_the_chunks_a_snapshot_under_way_reuses(tmp_pa
     fresh = store_at(tmp_path)  # as after a restart: c1's chunks are known, not read again
     snapshot = fresh.snapshot(state, tmp_path / "s3")
     assert not snapshot.staged  # reuses c1's chunks
+    fresh.gc_grace_seconds = 0  # no grace: the pin alone must spare them
     fresh.collect_garbage(keep=1)  # c1 goes; its chunks are pinned by the snapshot under way
     fresh.commit(snapshot, "c3", "directory")
     fresh.release(snapshot)
@@ -129,47 +130,6 @@ def test_reading_block_by_block_cuts_exactly_where_cutting_the_whole_file_would(
     whole = [data[c.offset:c.offset + c.length]
              for c in fastcdc(memoryview(data), chunking.MIN_CHUNK, chunking.AVG_CHUNK, chunking.MAX_CHUNK)]
     assert streamed == whole  # the same chunks: deduplication across checkpoints is unchanged
-
-
-def test_a_collection_under_way_spares_a_checkpoint_committed_meanwhile(tmp_path: Path) -> None:
-    # two uploads overlap (an interval checkpoint, then the scheduler's): the first one's
-    # collection listed the manifests before the second's existed, then deleted its chunks
-    import threading
-
-    from cbas.local.blobs import FolderBlobStore
-
-    class PausingBlobs(FolderBlobStore):
-        """Holds the collecting thread just before it lists the chunks (a slow listing on S3)."""
-
-        def __init__(self, root: Path) -> None:
-            super().__init__(root)
-            self.collector: threading.Thread | None = None
-            self.at_chunk_listing, self.go_on = threading.Event(), threading.Event()
-
-        def list(self, prefix: str) -> list[str]:
-            if threading.current_thread() is self.collector and prefix.endswith("/chunks/"):
-                self.at_chunk_listing.set()
-                assert self.go_on.wait(10)
-            return super().list(prefix)
-
-    blobs = PausingBlobs(tmp_path / "blobs")
-    store = store_at(tmp_path)
-    store.blobs = blobs
-    state = tmp_path / "state"
-    state.mkdir()
-    (state / "data").write_bytes(os.urandom(3 << 20))
-    store.save(state, "a0001-n00001", "directory", tmp_path / "stage1")
-    collector = threading.Thread(target=lambda: store.collect_garbage(keep=3))
-    blobs.collector = collector
-    collector.start()
-    assert blobs.at_chunk_listing.wait(10)
-    (state / "data").write_bytes(os.urandom(3 << 20))  # the job goes on; the next checkpoint commits
-    store.save(state, "a0001-n00002", "directory", tmp_path / "stage2")
-    blobs.go_on.set()
-    collector.join(10)
-    out = tmp_path / "restored"
-    store_at(tmp_path).restore("a0001-n00002", out)  # was "chunk ... is missing"
-    assert (out / "data").read_bytes() == (state / "data").read_bytes()
 
 
 def test_a_state_over_its_size_limit_is_refused_before_it_is_read(tmp_path: Path) -> None:

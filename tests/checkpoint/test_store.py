@@ -152,6 +152,7 @@ def test_garbage_collection_keeps_the_newest_and_what_they_use(tmp_path: Path) -
         big_state(state, MIB, seed=number)  # a new state each time
         (state / "shared.txt").write_text("same in every checkpoint")
         store.save(state, f"c{number}", "directory", tmp_path / "staging")
+    aged(tmp_path)  # older than the grace period
     dropped, removed = store.collect_garbage(keep=2, protect=["c1"])
     assert dropped == ["c2"] and removed >= 1
     assert store.checkpoint_ids() == ["c1", "c3", "c4"]
@@ -180,3 +181,55 @@ def test_a_file_that_vanishes_while_the_state_is_read_fails_the_capture(tmp_path
         store.snapshot(state, tmp_path / "staging")
     monkeypatch.undo()
     assert not (tmp_path / "staging").exists() or not any((tmp_path / "staging").iterdir())
+
+
+def aged(tmp: Path, seconds: float = 7200) -> None:
+    """Every blob written so far, as if written `seconds` ago."""
+    for path in (tmp / "blobs").rglob("*"):
+        if path.is_file():
+            then = path.stat().st_mtime - seconds
+            os.utime(path, (then, then))
+
+
+def test_a_zombie_of_an_older_attempt_never_collects_what_the_newer_attempt_reuses(tmp_path: Path) -> None:
+    """The master gave up on attempt 1's machine (it still runs, cut off) and started attempt 2
+    from a0001-n00002. The zombie goes on checkpointing and collecting: keeping its own newest,
+    it would delete the chunks attempt 2 reuses, and attempt 2's next checkpoint would name
+    chunks that are gone."""
+    state, zombie_state = tmp_path / "state", tmp_path / "zombie-state"
+    zombie = store_at(tmp_path)
+    for number in (1, 2):
+        big_state(zombie_state, MIB, seed=number)
+        zombie.save(zombie_state, f"a0001-n0000{number}", "directory", tmp_path / "staging")
+    newer = store_at(tmp_path)
+    newer.restore("a0001-n00002", state)
+    newer.claim_attempt(2, "a0001-n00002")
+    for number in (3, 4):  # the zombie's state moves on; the chunks of n00002 are no longer its
+        big_state(zombie_state, MIB, seed=number)
+        zombie.save(zombie_state, f"a0001-n0000{number}", "directory", tmp_path / "staging")
+    aged(tmp_path)  # long ago: no grace period saves them
+    snapshot = newer.snapshot(state, tmp_path / "staging-2")  # unchanged since the restore: reuses
+    assert zombie.collect_garbage(keep=1, attempt=1) == ([], 0)
+    newer.commit(snapshot, "a0002-n00001", "directory")
+    newer.release(snapshot)
+    store_at(tmp_path).restore("a0002-n00001", tmp_path / "out")
+    assert (tmp_path / "out" / "big.bin").read_bytes() == (state / "big.bin").read_bytes()
+
+
+def test_chunks_younger_than_the_grace_period_are_never_collected(tmp_path: Path) -> None:
+    """Another writer's commit under way (its chunks stored, its manifest not yet): they stay
+    until they are older than the grace period, unless a manifest comes to use them."""
+    from cbas.checkpoint.pipeline import cut_and_store
+    state = tmp_path / "state"
+    big_state(state, MIB, seed=1)
+    store_at(tmp_path).save(state, "a0001-n00001", "directory", tmp_path / "staging")
+    big_state(state, MIB, seed=2)
+    writer = store_at(tmp_path)
+    snapshot = writer.snapshot(state, tmp_path / "staging-w")
+    cut_and_store(writer, snapshot, None, cutters=1, workers=2)  # stored, no manifest yet
+    collector = store_at(tmp_path)
+    assert collector.collect_garbage(keep=1, attempt=1) == ([], 0)
+    aged(tmp_path)
+    dropped, removed = collector.collect_garbage(keep=1, attempt=1)
+    assert dropped == [] and removed >= 1  # old enough, and no manifest uses them: gone
+    writer.release(snapshot)

@@ -675,6 +675,7 @@ def test_garbage_collection_never_deletes_a_checkpoint_committed_while_it_ran(tm
     # CHECKPOINT_DONE, could never be restored
     blobs = PausingBlobs(tmp_path / "blobs")
     store = ChunkStore(blobs, "job", b"k" * 32)
+    store.gc_grace_seconds = 0  # no grace period: what spares the new chunks must be the pins
     state = tmp_path / "state"
     state.mkdir()
     (state / "data").write_bytes(os.urandom(3 << 20))
