@@ -17,6 +17,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -89,6 +90,7 @@ class LocalCloud:
         self.records_dir.mkdir(parents=True, exist_ok=True)
         self._tick = tick
         self._children: dict[str, subprocess.Popen[bytes]] = {}
+        self._changing = threading.RLock()  # a record's read-change-write, on the loop's threads or the market's
         self._task: asyncio.Task[None] | None = None
         market_file = self.root / "market.json"
         if market_file.exists():
@@ -153,6 +155,10 @@ class LocalCloud:
         ]
 
     async def launch(self, spec: LaunchSpec) -> Machine:
+        # every record read, a disk made, a process started: on a thread, never the master's loop
+        return await asyncio.to_thread(self._launch, spec)
+
+    def _launch(self, spec: LaunchSpec) -> Machine:
         for existing in self._records():  # the ledger id makes launches idempotent
             if existing.machine.tags.get("cbas:ledger") == spec.ledger_id and existing.machine.state != "terminated":
                 return existing.machine
@@ -178,7 +184,7 @@ class LocalCloud:
         (meta / "instance-life-cycle").write_text(spec.market)
         (meta / "placement" / "availability-zone").write_text(spec.zone)
         if spec.data_snapshot:  # the volume strategy's disk, made from the job's last snapshot
-            await asyncio.to_thread(restore_volume, self.settings.home, spec.data_snapshot, disk / "job")
+            restore_volume(self.settings.home, spec.data_snapshot, disk / "job")
         # the machine's own key, where only its worker (this user) reads it: never in its environment
         write_credential(key_file(disk).parent,
                          Credential(spec.ledger_id, bytes.fromhex(spec.machine_key.get_secret_value())))
@@ -209,16 +215,20 @@ class LocalCloud:
         return record.machine
 
     async def terminate(self, instance_id: str, reason: str = "terminated") -> None:
-        try:
-            record = self.record(instance_id)
-        except NotFound:
-            return
-        if record.machine.state == "terminated":
-            return
-        await asyncio.to_thread(self._kill, record)  # waits for the machine's processes to die
-        record.machine.state = "terminated"
-        record.ended_reason = reason
-        self._save(record)
+        await asyncio.to_thread(self._terminate, instance_id, reason)
+
+    def _terminate(self, instance_id: str, reason: str) -> None:
+        with self._changing:  # against the market's thread: read, kill, write as one step
+            try:
+                record = self.record(instance_id)
+            except NotFound:
+                return
+            if record.machine.state == "terminated":
+                return
+            self._kill(record)  # waits for the machine's processes to die
+            record.machine.state = "terminated"
+            record.ended_reason = reason
+            self._save(record)
         log.info("machine.terminated", instance_id=instance_id, reason=reason)
 
     def _kill(self, record: MachineRecord) -> None:
@@ -284,7 +294,7 @@ class LocalCloud:
 
     async def list_machines(self) -> list[Machine]:
         machines = []
-        for record in self._records():
+        for record in await asyncio.to_thread(self._records):
             if record.machine.state == "terminated":
                 continue
             if record.pgid is not None and not self._alive(record):
@@ -319,19 +329,26 @@ class LocalCloud:
 
     def market_step(self, now: float) -> None:
         t = self.sim_time(now)
-        for record in self._records():
-            machine = record.machine
-            if machine.state == "terminated" or machine.market != "spot":
+        for listed in self._records():
+            if listed.machine.state == "terminated" or listed.machine.market != "spot":
                 continue
-            if record.notice_at is None:
-                if not self.market.available(machine.zone, machine.instance_type, t, record.max_price):
-                    self._give_notice(record, now)
-            elif record.kill_at is not None and now >= record.kill_at:
-                self._kill(record)
-                record.machine.state = "terminated"
-                record.ended_reason = "spot capacity reclaimed"
-                self._save(record)
-                log.info("machine.reclaimed", instance_id=machine.instance_id, zone=machine.zone)
+            with self._changing:  # read again: a termination may have written it meanwhile
+                try:
+                    record = self.record(listed.machine.instance_id)
+                except NotFound:
+                    continue
+                machine = record.machine
+                if machine.state == "terminated":
+                    continue
+                if record.notice_at is None:
+                    if not self.market.available(machine.zone, machine.instance_type, t, record.max_price):
+                        self._give_notice(record, now)
+                elif record.kill_at is not None and now >= record.kill_at:
+                    self._kill(record)
+                    record.machine.state = "terminated"
+                    record.ended_reason = "spot capacity reclaimed"
+                    self._save(record)
+                    log.info("machine.reclaimed", instance_id=machine.instance_id, zone=machine.zone)
 
     def _give_notice(self, record: MachineRecord, now: float) -> None:
         kill_at = now + self.settings.notice_seconds()

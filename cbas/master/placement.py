@@ -7,6 +7,7 @@ A part of the Master (cbas.master.service), built on its transitions.
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 import structlog
@@ -60,6 +61,7 @@ class Placement(Transitions):
         described = [(job, describe(job.jdl)) for job in jobs]
         described.sort(key=lambda pair: self.adapter.slack_hours(*pair))
         for job, description in described:
+            await asyncio.sleep(0)  # messages get in between jobs: a pass over hundreds never holds the loop
             types = allowed_types(list(description.instance_types), self.settings.default_instance_type, offered)
             if job.state == JobState.QUEUED:
                 await self._place(job, description, types, offered, live)

@@ -6,6 +6,7 @@ A part of the Master (cbas.master.service), built on its restarts (and so its tr
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING
 
 import structlog
@@ -55,6 +56,7 @@ class Recovery(Restarts):
         them go. A termination that failed (the cloud erred) is retried here until it works, and
         an attempt's ending it interrupted (the job left PREEMPTED) is finished."""
         for entry in await self.store.list_ledger(live_only=True):
+            await asyncio.sleep(0)  # messages get in between machines: hundreds never hold the loop
             if not entry.instance_id:
                 continue  # a launch under way
             try:

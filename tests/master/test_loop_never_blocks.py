@@ -97,3 +97,74 @@ async def test_a_database_locked_by_another_process_never_holds_the_masters_loop
         loop.set_debug(False)
         other.close()
         await store.close()
+
+
+def slow_steps(caplog: pytest.LogCaptureFixture) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "asyncio" and "took" in r.getMessage()]
+
+
+def test_the_masters_loop_is_never_held_by_hundreds_of_jobs(caplog: pytest.LogCaptureFixture) -> None:
+    """600 jobs placed, pinging, checkpointing, and the master killed and started again among
+    them (the real Master on the real SQLite store, model workers: tests/faults/model_harness.py).
+    No step holds the loop: a scheduling pass over 600 jobs held it 0.54 s at once, every
+    message and API call waiting behind it."""
+    from tests.faults.model_harness import World
+
+    world = World()
+    try:
+        world.loop.set_debug(True)
+        world.loop.slow_callback_duration = SLOW
+        with caplog.at_level(logging.WARNING, logger="asyncio"):
+            world.submit(600)
+            for _ in range(3):
+                world.deliver_everything()
+                world.time_passes(30)
+            for worker in world.running_workers():
+                worker.checkpoint()
+            world.deliver_everything()
+            world.master_down()
+            world.master_up()  # recover() goes over every job and machine
+            world.deliver_everything()
+            world.time_passes(30)
+        assert len(world.running_workers()) == 600
+        assert not slow_steps(caplog), f"the master's loop was held: {slow_steps(caplog)}"
+    finally:
+        world.loop.set_debug(False)
+        world.close()
+
+
+async def test_a_local_cloud_with_a_long_history_never_holds_the_masters_loop(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A launch reads every machine record the cloud ever kept (its idempotency), makes a disk
+    and starts a process; listing the machines reads them all too. With a few thousand
+    machines behind it (a cluster some weeks old), that is the loop's time unless it is done
+    on a thread."""
+    from cbas.local.cloud import LocalCloud, MachineRecord
+    from cbas.models import LaunchSpec, Machine
+
+    (tmp_path / "home").mkdir(mode=0o700)
+    settings = Settings(home=tmp_path / "home", machines_dir=tmp_path / "machines")
+    cloud = LocalCloud(settings)
+    for number in range(8000):
+        old = Machine(instance_id=f"i-{number:016x}", zone="z", instance_type="t", market="spot", price=0.1,
+                      state="terminated", tags={"cbas:ledger": f"l-{number}"})
+        cloud._save(MachineRecord(machine=old, disk=str(tmp_path / "gone" / str(number))))
+    loop = asyncio.get_running_loop()
+    offer = (await cloud.offers())[0]
+    spec = LaunchSpec(job_id="j1", ledger_id="l-new", zone=offer.zone, instance_type=offer.instance_type,
+                      market="on-demand", machine_key="00" * 32)
+    try:
+        loop.set_debug(True)
+        loop.slow_callback_duration = SLOW
+        await asyncio.sleep(0)  # a step measured is one begun with debug on
+        with caplog.at_level(logging.WARNING, logger="asyncio"):
+            machine = await cloud.launch(spec)
+            assert [m.instance_id for m in await cloud.list_machines()] == [machine.instance_id]
+            await cloud.terminate(machine.instance_id)
+        assert not slow_steps(caplog), f"the master's loop was held: {slow_steps(caplog)}"
+    finally:
+        loop.set_debug(False)
+        for left in await cloud.list_machines():  # its process group, if the test failed before
+            await cloud.terminate(left.instance_id)
+        await cloud.close()
