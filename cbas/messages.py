@@ -21,6 +21,13 @@ def worker_address(instance_id: str) -> str:
     return f"worker/{instance_id}"
 
 
+def checkpoint_record_key(job_id: str, checkpoint_id: str) -> str:
+    """Where a worker leaves its signed CHECKPOINT_DONE before it reports it, beside the
+    checkpoint's manifest: a machine lost before the master heard it (a notice checkpoint's
+    report, the last thing it sends) does not make its job restart from an older one."""
+    return f"jobs/{job_id}/ckpt/{checkpoint_id}/report.json"
+
+
 def end_record_key(job_id: str, attempt: int) -> str:
     """Where a worker leaves its attempt's end (the signed JOB_DONE or JOB_FAILED) before it reports
     it: a machine lost before the master heard it does not take the job's end with it."""

@@ -41,6 +41,7 @@ from cbas.checkpoint.manifest import (
 )
 from cbas.checkpoint.pipeline import CommitCancelled, capture_deferred, cut_and_store
 from cbas.checkpoint.restore import fetch_chunk, restore_files
+from cbas.messages import checkpoint_record_key
 from cbas.models import utcnow
 
 log = structlog.get_logger(__name__)
@@ -359,6 +360,7 @@ class ChunkStore:
                 continue
         for cid in dropped:
             self.blobs.delete(self.manifest_key(cid))
+            self.blobs.delete(checkpoint_record_key(self.job_id, cid))  # its report (the worker's record)
         removed = 0
         for key in self.blobs.list(f"jobs/{self.job_id}/chunks/"):
             chunk_id = key.rsplit("/", 1)[1]

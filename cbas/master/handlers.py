@@ -13,7 +13,7 @@ from cbas.messages import (
     CheckpointDone, CheckpointFailure, Envelope, JobDone, JobFailed, MessageRegistry, MessageType, Ping, SpotNotice,
     WorkerStarted,
 )
-from cbas.models import CheckpointRecord
+from cbas.master.worker_events import checkpoint_record
 
 registry: MessageRegistry[Master] = MessageRegistry()
 
@@ -32,12 +32,7 @@ async def on_ping(master: Master, message: Envelope, body: Ping) -> None:
 @registry.handler(MessageType.CHECKPOINT_DONE)
 async def on_checkpoint_done(master: Master, message: Envelope, body: CheckpointDone) -> None:
     structlog.contextvars.bind_contextvars(job_id=body.job_id)
-    record = CheckpointRecord(
-        job_id=body.job_id, id=body.checkpoint_id, attempt=body.attempt, manifest_key=body.manifest_key,
-        size_bytes=body.size_bytes, new_bytes=body.new_bytes, pause_seconds=body.pause_seconds, upload_seconds=body.upload_seconds,
-        reason=body.reason, deadline_margin_seconds=body.deadline_margin_seconds, snapshot_id=body.snapshot_id,
-    )
-    await master.checkpoint_done(record, body.final, instance_id=message.sender.removeprefix("worker/"))
+    await master.checkpoint_done(checkpoint_record(body), body.final, instance_id=message.sender.removeprefix("worker/"))
 
 
 @registry.handler(MessageType.CHECKPOINT_FAILED)

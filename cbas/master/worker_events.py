@@ -20,7 +20,9 @@ from cbas.faults import crash_point
 from cbas.master.restarts import Restarts
 from cbas.master.views import where
 from cbas.master.work import checkpointed_work, resumed_from
-from cbas.messages import MASTER, CheckpointFailure, DataAccess, MessageType, Ping, StartJob, envelope, worker_address
+from cbas.messages import (
+    MASTER, CheckpointDone, CheckpointFailure, DataAccess, MessageType, Ping, StartJob, envelope, worker_address,
+)
 from cbas.models import CheckpointRecord, Job, JobEvent, LedgerEntry, from_epoch, utcnow
 from cbas.state import JobState
 
@@ -34,6 +36,16 @@ def measured_restart(job: Job) -> float | None:
         return job.restart_seconds
     sample = (utcnow() - job.provisioned_at).total_seconds()
     return sample if job.restart_seconds is None else 0.5 * job.restart_seconds + 0.5 * sample
+
+
+def checkpoint_record(body: CheckpointDone) -> CheckpointRecord:
+    """What the master keeps of a worker's CHECKPOINT_DONE (delivered, or read where it recorded it)."""
+    return CheckpointRecord(
+        job_id=body.job_id, id=body.checkpoint_id, attempt=body.attempt, manifest_key=body.manifest_key,
+        size_bytes=body.size_bytes, new_bytes=body.new_bytes, pause_seconds=body.pause_seconds,
+        upload_seconds=body.upload_seconds, reason=body.reason, deadline_margin_seconds=body.deadline_margin_seconds,
+        snapshot_id=body.snapshot_id,
+    )
 
 
 def checkpoint_detail(record: CheckpointRecord) -> str:

@@ -24,7 +24,8 @@ from cbas.checkpoint.store import ChunkStore
 from cbas.faults import crash_point
 from cbas.logs import say_once
 from cbas.messages import (
-    MASTER, Envelope, JobDone, JobFailed, MessageType, StartJob, end_record_key, envelope, worker_address,
+    MASTER, CheckpointDone, Envelope, JobDone, JobFailed, MessageType, StartJob, checkpoint_record_key, end_record_key,
+    envelope, worker_address,
 )
 from cbas.settings import Settings
 from cbas.untrusted import UnsafePath, tail, tree_size
@@ -101,14 +102,24 @@ class JobRun:
     async def _report_end(self, type_: MessageType, body: JobDone | JobFailed) -> None:
         """The job's end, recorded in the blob store before it is sent: if this machine is lost
         before the master hears it, the master reads it there (cbas.master.recorded_ends)."""
+        await self._report_recorded(type_, body, end_record_key(self.job_id, self.start.attempt), "worker-end-recorded")
+
+    async def _report_recorded(self, type_: MessageType, body: object, key: str, point: str) -> bool:
+        """A fact recorded, signed, at `key` in the blob store, then sent."""
         message = self._message(type_, body)
         try:
             signed = self.sign(message).model_dump_json().encode()
-            await asyncio.to_thread(self.blobs.put_bytes, end_record_key(self.job_id, self.start.attempt), signed)
+            await asyncio.to_thread(self.blobs.put_bytes, key, signed)
         except Exception as exc:  # the report still goes; only a machine lost before it is at risk
-            self.log.warning("end.not_recorded", error=f"{type(exc).__name__}: {exc}")
-        crash_point("worker-end-recorded")
-        await self.deliver(message)
+            self.log.warning("report.not_recorded", type=type_, error=f"{type(exc).__name__}: {exc}")
+        crash_point(point)
+        return await self.deliver(message)
+
+    async def _report_checkpoint(self, type_: MessageType, body: object) -> bool:
+        if isinstance(body, CheckpointDone):  # recorded first, as an end is (cbas.master.recorded_ends)
+            return await self._report_recorded(type_, body, checkpoint_record_key(self.job_id, body.checkpoint_id),
+                                               "worker-checkpoint-recorded")
+        return await self._report(type_, body)
 
     def _open_store(self) -> ChunkStore:
         return ChunkStore(self.blobs, self.job_id, self.start.opened_checkpoint_key())
@@ -195,7 +206,8 @@ class JobRun:
         validate = Validator(self.layout, ctx, self.checkpointer, self._open_store, self._make_cgroup) \
             if self.description.validate_checkpoint else None
         self.checkpoints = Checkpoints(
-            self.job_id, self.start.attempt, self.layout, self.checkpointer, self.store, self._report, self.volumes,
+            self.job_id, self.start.attempt, self.layout, self.checkpointer, self.store, self._report_checkpoint,
+            self.volumes,
             keep=self.settings.checkpoints_kept, validate=validate, upload_logs=self._upload_logs,
             state_limit=self.description.state_size_limit_bytes())
         self.checkpoints.restored_from = self.restored_from

@@ -1,5 +1,6 @@
 """The world around a master, as a model: a clock, a cloud whose machines exist as records, the
-workers on them (following the protocol the real worker follows: facts kept until ACKed, a
+workers on them (following the protocol the real worker follows: facts kept until ACKed, ends and
+checkpoints recorded in the blob store before they are sent, a
 START_JOB it already has ignored, a STOP_JOB with a checkpoint taken as a spot notice), and a
 network between them that the test drives message by message: in any order, twice, late, or
 never. Nothing here decides for the master; the real Master on the real SQLite store does.
@@ -15,7 +16,7 @@ from cbas.authority import Credential
 from cbas.backends import BlobStore, Leftover
 from cbas.messages import (
     MASTER, Ack, CheckpointDone, CheckpointNow, Envelope, JobDone, MessageType, Ping, SpotNotice, StartJob,
-    StopJob, WorkerStarted, end_record_key, envelope, worker_address,
+    StopJob, WorkerStarted, checkpoint_record_key, end_record_key, envelope, worker_address,
 )
 from cbas.models import LaunchSpec, Machine, Offer
 
@@ -95,7 +96,8 @@ class ModelWorker:
         self._fact(MessageType.CHECKPOINT_DONE, CheckpointDone(
             job_id=self.job_id, attempt=self.attempt, checkpoint_id=checkpoint_id,
             manifest_key=f"jobs/{self.job_id}/ckpt/{checkpoint_id}/manifest.json", size_bytes=1000, new_bytes=10,
-            pause_seconds=0.1, upload_seconds=0.2, reason="notice" if final else "interval", final=final))
+            pause_seconds=0.1, upload_seconds=0.2, reason="notice" if final else "interval", final=final),
+            record_at=checkpoint_record_key(self.job_id, checkpoint_id))
         if final:
             self.phase = "done"  # the job is stopped after a final checkpoint
         return True

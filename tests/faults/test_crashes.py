@@ -78,3 +78,16 @@ def test_a_worker_killed_after_recording_its_end_but_before_reporting_it_is_not_
     assert (cluster.home / "crashed.worker-end-recorded").exists()
     assert job["restarts"] == 0, job["events"]
     assert any("recorded" in event["detail"] for event in job["events"] if event["kind"] == "completed"), job["events"]
+
+
+def test_a_worker_killed_after_recording_a_checkpoint_but_before_reporting_it_restarts_from_it(
+        cluster: Cluster) -> None:
+    """Its checkpoint's report is in the blob store before it is sent: the master, giving the
+    silent machine up, counts it there and restarts the job from it, not from the start."""
+    cluster.market(CALM)
+    crash_once(cluster, "worker-checkpoint-recorded")
+    cluster.start_master()
+    job = run_to_the_end(cluster, submit(cluster), master_dies=False)
+    assert (cluster.home / "crashed.worker-checkpoint-recorded").exists()
+    starts = [event["detail"] for event in job["events"] if event["kind"] == "starting"]
+    assert len(starts) == 2 and "restoring a0001-n00001" in starts[1], job["events"]
