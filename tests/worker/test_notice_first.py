@@ -81,3 +81,39 @@ async def test_a_notice_checkpoint_goes_ahead_of_an_interval_checkpoint_under_wa
     [done] = harness.of_type(MessageType.CHECKPOINT_DONE)
     assert done.body["reason"] == "notice" and done.body["final"]
     assert done.body["deadline_margin_seconds"] > 0
+
+
+async def test_a_report_that_cannot_be_delivered_never_holds_the_next_checkpoint(harness: Harness) -> None:
+    """The interval checkpoint is stored, and its report hangs (the master is away; the worker
+    retries for up to an hour): the notice checkpoint is captured and stored meanwhile, and both
+    reports go once the master is back."""
+    harness.upload_inputs("n2", {"counter.sh": COUNTER / "counter.sh", "input.txt": b"2\n", "big.bin": b"small"})
+    master_back = asyncio.Event()
+    delivered = harness.deliver
+
+    async def away(message: Any) -> bool:
+        if message.type == MessageType.CHECKPOINT_DONE:
+            await master_back.wait()
+        return await delivered(message)
+
+    harness.deliver = away  # type: ignore[method-assign]
+    run = harness.run("n2", TEXT)
+    task = asyncio.create_task(run.run())
+    await wait_for_line(run.layout.stdout, "progress 20/4000")
+    interval = asyncio.create_task(run.checkpoint("interval"))
+    from cbas.messages import checkpoint_record_key
+    first = checkpoint_record_key("n2", "a0001-n00001")
+    while not harness.blobs.exists(first):  # stored and recorded; its report now hangs
+        await asyncio.sleep(0.01)
+    notice = asyncio.create_task(run.checkpoint("notice", final=True, deadline=time.time() + 60))
+    second = checkpoint_record_key("n2", "a0001-n00002")
+    for _ in range(1000):  # captured, stored and recorded while the first report still hangs
+        if harness.blobs.exists(second):
+            break
+        await asyncio.sleep(0.01)
+    assert harness.blobs.exists(second) and not interval.done()
+    master_back.set()
+    assert await interval and await notice
+    await asyncio.wait_for(task, 20)
+    assert sorted(m.body["checkpoint_id"] for m in harness.of_type(MessageType.CHECKPOINT_DONE)) == [
+        "a0001-n00001", "a0001-n00002"]
