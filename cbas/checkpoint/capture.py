@@ -14,9 +14,16 @@ are not used for a working folder: a hard link is the job's own inode, which it 
 or one the worker must not read (a link the job made to another's file); the worker's copies are
 root's, 0600, in a 0700 folder.
 
+A capture never fills the worker's disk: what it copies must fit in the free space less a
+reserve the job keeps (RESERVE_FRACTION of the disk, at least RESERVE_MIN). A file that does not
+fit is read in place after the capture, through the descriptor opened while the job was held
+(/proc/self/fd/N, never its path): an immutable one while the job runs on, any other while the
+job is still held (`held_for_upload` says why; the pause is then the whole upload). A disk that
+fills up all the same (something else wrote to it) makes the capture start again in place.
+
 A file that changes while it is captured (its size or times move; a read comes short or long),
-vanishes between its listing and its opening, or a disk that fills up, fail the capture: the
-checkpoint does not count, the last one stays the newest.
+or vanishes between its listing and its opening, fails the capture: the checkpoint does not
+count, the last one stays the newest.
 """
 
 from __future__ import annotations
@@ -33,6 +40,8 @@ from cbas.checkpoint.manifest import DirEntry, FileEntry
 
 FICLONE = 0x40049409  # ioctl: the target shares the source's blocks, copied on write (btrfs, XFS)
 DELTA_BUDGET = 64 << 20  # bytes cut and hashed while the job is held before the rest is just copied
+RESERVE_FRACTION = 0.05  # of the worker's disk, left to the job by a capture's copies
+RESERVE_MIN = 64 << 20
 FileStamp = tuple[int, int, int, int]  # size, mtime_ns, ctime_ns, inode
 
 
@@ -67,10 +76,48 @@ class Snapshot:
     deferred: list[tuple[int, str, os.stat_result, int]] = field(default_factory=list)
     pinned: set[str] = field(default_factory=set)  # chunks it uses: garbage collection leaves them
     began_ns: int = 0
+    room: int | None = None  # bytes the capture may still copy to the worker's disk (None: no limit)
+    # files read in place (no room to copy them): index -> (descriptor, whether the job must stay held)
+    in_place: dict[int, tuple[int, bool]] = field(default_factory=dict)
+    held_for_upload: str | None = None  # why the job stays held until the checkpoint is stored
+
+    def fits(self, size: int) -> bool:
+        """Whether `size` more bytes may be copied; they are counted if so."""
+        if self.room is None:
+            return True
+        if size > self.room:
+            return False
+        self.room -= size
+        return True
+
+    def read_in_place(self, index: int, relative: str, fd: int, size: int, held: bool) -> list[Piece]:
+        """The file on fd, read where it is when the checkpoint is stored (a descriptor of its own)."""
+        own = os.dup(fd)
+        self.in_place[index] = (own, held)
+        if held and self.held_for_upload is None:
+            self.held_for_upload = (f"{relative} ({size} bytes) does not fit beside the job on the worker's disk: "
+                                    f"the job is held until the checkpoint is stored")
+        return [Piece(None, size, Path(f"/proc/self/fd/{own}"), 0)] if size else []
 
     @property
     def total_bytes(self) -> int:
         return sum(f.size for f in self.files)
+
+
+def disk_room(folder: Path) -> int:
+    """Bytes a capture may copy into `folder`'s file system: its free space less the job's reserve."""
+    disk = os.statvfs(folder)
+    total, free = disk.f_blocks * disk.f_frsize, disk.f_bavail * disk.f_frsize
+    return max(0, free - max(RESERVE_MIN, int(total * RESERVE_FRACTION)))
+
+
+def check_in_place(snapshot: Snapshot) -> None:
+    """Files read in place must be as they were when listed (the hold, or immutability, kept them)."""
+    for index, (fd, held) in snapshot.in_place.items():
+        now, then = stamp(os.fstat(fd)), snapshot.stamps[index]
+        if (now != then) if held else (now[:2] != then[:2]):
+            raise StateChanged(f"{snapshot.files[index].path} changed while it was read in place "
+                               f"({then[0]} bytes when listed, {now[0]} now)")
 
 
 def check_owner(relative: str, info: os.stat_result, owner: int | None) -> None:

@@ -16,6 +16,7 @@ the name S3 and every tool already check.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import threading
@@ -137,8 +138,14 @@ def capture_deferred(snapshot: Snapshot, previous: dict[str, list[Piece]]) -> No
             index, relative, info, fd = snapshot.deferred.pop(0)
             try:
                 target = snapshot.staging / f"file-{index:06d}"
-                snapshot.pieces[index] = capture_file(relative, info, fd, target, pack, previous.get(relative),
-                                                      held=False)
+                try:
+                    snapshot.pieces[index] = capture_file(relative, info, fd, target, pack, previous.get(relative),
+                                                          held=False)
+                except OSError as exc:  # the disk filled up meanwhile: read it where it is instead
+                    if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                        raise
+                    target.unlink(missing_ok=True)
+                    snapshot.pieces[index] = snapshot.read_in_place(index, relative, fd, info.st_size, held=False)
             finally:
                 os.close(fd)
     finally:

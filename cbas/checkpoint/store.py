@@ -34,7 +34,9 @@ import structlog
 from pydantic import ValidationError
 
 from cbas.backends import BlobNotFound, BlobStore
-from cbas.checkpoint.capture import FileStamp, Pack, Piece, Snapshot, capture_file, check_owner, stamp
+from cbas.checkpoint.capture import (
+    FileStamp, Pack, Piece, Snapshot, capture_file, check_in_place, check_owner, disk_room, stamp,
+)
 from cbas.checkpoint.chunking import StateChanged, UnsupportedFile, excluded, walk
 from cbas.checkpoint.manifest import (
     CorruptCheckpoint, DirEntry, FileEntry, Manifest, list_id, seal, unseal,
@@ -118,11 +120,20 @@ class ChunkStore:
         without following links from their folder's descriptor, read or copied, never mapped.
         A state over size_limit bytes (by the files' sizes) is refused before anything is read;
         with `owner`, a file that is not that uid's is refused."""
+        try:
+            return self._snapshot(root, staging, exclude, immutable, size_limit, owner, room=None)
+        except DiskFull as full:  # something else filled the disk: all of it in place, nothing copied
+            log.warning("checkpoint.disk_full_capturing_in_place", job_id=self.job_id, error=str(full))
+            return self._snapshot(root, staging, exclude, immutable, size_limit, owner, room=0)
+
+    def _snapshot(self, root: Path, staging: Path, exclude: frozenset[str], immutable: frozenset[str],
+                  size_limit: int | None, owner: int | None, room: int | None) -> Snapshot:
         with self._lock:
             self._captures += 1
             folder = staging / f"capture-{self._captures:05d}"
         folder.mkdir(parents=True, mode=0o700)
-        snapshot = Snapshot(files=[], dirs=[], chunk_sizes={}, staging=folder, began_ns=time.time_ns())
+        snapshot = Snapshot(files=[], dirs=[], chunk_sizes={}, staging=folder, began_ns=time.time_ns(),
+                            room=disk_room(folder) if room is None else room)
         pack = Pack(folder / "pack")
         try:
             self._capture_into(snapshot, pack, root, exclude, immutable, size_limit, owner)
@@ -164,7 +175,13 @@ class ChunkStore:
                     if kept is not None:
                         snapshot.pieces_kept[index] = kept
                 elif excluded(relative, immutable):
-                    snapshot.deferred.append((index, relative, info, os.dup(fd)))
+                    if snapshot.fits(info.st_size):  # copied once the job runs again
+                        snapshot.deferred.append((index, relative, info, os.dup(fd)))
+                    else:  # never changed in place: read where it is, the job running on
+                        snapshot.pieces[index] = snapshot.read_in_place(index, relative, fd, info.st_size, held=False)
+                    entry = FileEntry(path=relative, mode=mode, size=0, chunks=[], sha256="")
+                elif not snapshot.fits(info.st_size):
+                    snapshot.pieces[index] = snapshot.read_in_place(index, relative, fd, info.st_size, held=True)
                     entry = FileEntry(path=relative, mode=mode, size=0, chunks=[], sha256="")
                 else:
                     previous = self._seen.get(relative)
@@ -201,6 +218,9 @@ class ChunkStore:
         for _, _, _, fd in snapshot.deferred:
             os.close(fd)
         snapshot.deferred = []
+        for fd, _ in snapshot.in_place.values():
+            os.close(fd)
+        snapshot.in_place = {}
         with self._lock:
             if self._collecting:  # a collection under way listed the manifests before this one's
                 self._unpin_later.append(snapshot.pinned)
@@ -225,7 +245,8 @@ class ChunkStore:
         """A committed snapshot's files and bytes are what the next capture starts from."""
         seen: dict[str, Seen] = {}
         for index, entry in enumerate(snapshot.files):
-            kept = snapshot.pieces.get(index, snapshot.pieces_kept.get(index))
+            # read in place: no bytes of the worker's own to compare the next capture with
+            kept = None if index in snapshot.in_place else snapshot.pieces.get(index, snapshot.pieces_kept.get(index))
             seen[entry.path] = (snapshot.stamps[index], entry, kept)
         folders = {p.source.parent for _, _, kept in seen.values() for p in kept or ()}
         with self._lock:
@@ -256,6 +277,7 @@ class ChunkStore:
                 raise DiskFull(f"the worker's disk is full: the state could not be captured ({exc.strerror})") from None
             raise
         stored = cut_and_store(self, snapshot, cancelled, cutters=_threads(), workers=self.workers)
+        check_in_place(snapshot)
         manifest = Manifest(
             job_id=self.job_id, checkpoint_id=checkpoint_id, strategy=strategy, created_at=utcnow().isoformat(),
             files=snapshot.files, dirs=snapshot.dirs, chunk_sizes=snapshot.chunk_sizes,

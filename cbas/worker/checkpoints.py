@@ -29,7 +29,7 @@ import structlog
 
 from cbas.backends import VolumeSnapshots
 from cbas.checkpoint.base import CheckpointFailed, Checkpointer, JobContext, JobProcess
-from cbas.checkpoint.store import ChunkStore, CommitCancelled, Snapshot
+from cbas.checkpoint.store import ChunkStore, CommitCancelled, Manifest, Snapshot
 from cbas.faults import crash_point
 from cbas.messages import CheckpointDone, CheckpointFailure, MessageType
 from cbas.untrusted import tree_size
@@ -54,6 +54,7 @@ class Captured:
     pause: float
     cancelled: threading.Event
     began: float  # monotonic: when the capture began (its durable time counts from here)
+    manifest: Manifest | None = None  # stored while the job was held (no room on the disk to copy it)
 
 
 class Checkpoints:
@@ -129,6 +130,7 @@ class Checkpoints:
                 return None
             checkpoint_id = self.next_id()
             started = time.monotonic()
+            manifest: Manifest | None = None
             try:
                 async with self.checkpointer.quiesced(ctx, process):
                     stdout, stderr = ctx.log_sizes()
@@ -139,13 +141,25 @@ class Checkpoints:
                             self.store.snapshot, self.checkpointer.state_dir(ctx), self.layout.staging / checkpoint_id,
                             self.checkpointer.exclude, self.checkpointer.immutable, self.state_limit,
                             ctx.user[0] if ctx.user is not None else None)
+                        if snapshot.held_for_upload:
+                            manifest = await self._store_held(snapshot, checkpoint_id, stdout, stderr)
             except Exception as exc:  # the strategy, the files or the disk: this one does not count
                 self._failed(checkpoint_id, reason, str(exc) if isinstance(exc, CheckpointFailed)
                              else f"{type(exc).__name__}: {exc}")
                 await asyncio.to_thread(shutil.rmtree, self.layout.staging / checkpoint_id, True)
                 return None
             return Captured(checkpoint_id, reason, final, deadline, snapshot, stdout, stderr,
-                            time.monotonic() - started, threading.Event(), started)
+                            time.monotonic() - started, threading.Event(), started, manifest)
+
+    async def _store_held(self, snapshot: Snapshot, checkpoint_id: str, stdout: int, stderr: int) -> Manifest:
+        """A capture some of whose files are read in place, the job held: stored now, before it runs on."""
+        self.log.warning("checkpoint.held_for_upload", checkpoint=checkpoint_id, why=snapshot.held_for_upload)
+        try:
+            return await asyncio.to_thread(self.store.commit, snapshot, checkpoint_id, self.checkpointer.name,
+                                           stdout, stderr)
+        except BaseException:
+            await asyncio.to_thread(self.store.release, snapshot)
+            raise
 
     def _snapshot_volume(self, checkpoint_id: str) -> str:
         assert self.volumes is not None
@@ -165,6 +179,8 @@ class Checkpoints:
             if isinstance(snapshot, str):
                 await asyncio.to_thread(self.volumes.wait, snapshot)  # type: ignore[union-attr]
                 size_bytes = new_bytes = await asyncio.to_thread(tree_size, self.layout.root)
+            elif captured.manifest is not None:  # stored while the job was held
+                size_bytes, new_bytes = captured.manifest.total_bytes, captured.manifest.new_bytes
             else:
                 manifest = await asyncio.to_thread(
                     self.store.commit, snapshot, checkpoint_id, self.checkpointer.name, captured.stdout,

@@ -190,21 +190,112 @@ def small_disk(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], capture_output=True)
 
 
-def test_a_full_disk_during_the_capture_fails_it_cleanly_and_the_last_checkpoint_stays(tmp_path: Path) -> None:
+class Watched(HeldStill):
+    """The hold, noted in `seen` when it begins and ends."""
+
+    def __init__(self, state: Path, seen: list[str]) -> None:
+        super().__init__(state)
+        self.seen = seen
+
+    @asynccontextmanager
+    async def quiesced(self, ctx: JobContext, job: object) -> AsyncIterator[None]:
+        self.seen.append("held")
+        try:
+            yield
+        finally:
+            self.seen.append("released")
+
+
+def watched_flow(tmp_path: Path) -> tuple[Checkpoints, JobContext, list, list[str]]:  # type: ignore[type-arg]
+    checkpoints, ctx, sent = worker_flow(tmp_path, user=None)
+    seen: list[str] = []
+    checkpoints.checkpointer = Watched(tmp_path / "state", seen)  # type: ignore[assignment]
+    blobs = checkpoints.store.blobs
+    put = blobs.put_bytes
+
+    def noted(key: str, data: bytes) -> None:
+        put(key, data)
+        if key.endswith("/manifest.json"):
+            seen.append("stored")
+
+    blobs.put_bytes = noted  # type: ignore[method-assign]
+    return checkpoints, ctx, sent, seen
+
+
+def test_a_state_bigger_than_the_free_disk_is_stored_in_place_with_the_job_held(tmp_path: Path) -> None:
+    """Tens of gigabytes of state on a disk that cannot hold a second copy: copying it would fail
+    every checkpoint with a full disk (and take the job's own room to write). The files that do
+    not fit are read where they are, the job held until they are stored; nothing is copied."""
+    checkpoints, ctx, sent, seen = watched_flow(tmp_path)
+    state = tmp_path / "state"
+    (state / "small.bin").write_bytes(os.urandom(512 << 10))
+    with small_disk(checkpoints.layout.staging, "80m"):  # 80 MiB, less the job's reserve (64 MiB)
+        assert take(checkpoints, ctx)  # fits beside the job: copied, the job let go at once
+        assert seen == ["held", "released", "stored"]
+        (state / "big.bin").write_bytes(os.urandom(24 << 20))  # more than the disk has room for
+        seen.clear()
+        assert take(checkpoints, ctx)
+        assert seen == ["held", "stored", "released"]  # stored before the job went on
+        assert not [p for p in checkpoints.layout.staging.rglob("file-*") if p.stat().st_size > 1 << 20]
+    [_, done] = [body for kind, body in sent if kind == MessageType.CHECKPOINT_DONE]
+    assert done.pause_seconds >= done.upload_seconds  # the pause is the upload: it says so
+    out = tmp_path / "out"
+    store_at(tmp_path).restore(done.checkpoint_id, out)
+    assert (out / "big.bin").read_bytes() == (state / "big.bin").read_bytes()
+    assert (out / "small.bin").read_bytes() == (state / "small.bin").read_bytes()
+
+
+def test_a_disk_that_fills_up_during_the_capture_is_captured_again_in_place(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """The free space looked ample (something else then wrote to the disk): the copy hits a full
+    disk, and the capture starts again in place; nothing half-copied stays, the checkpoint counts."""
+    from cbas.checkpoint import store
+
+    checkpoints, ctx, sent = worker_flow(tmp_path, user=None)
+    state = tmp_path / "state"
+    (state / "big.bin").write_bytes(os.urandom(6 << 20))
+    monkeypatch.setattr(store, "disk_room", lambda folder: 1 << 40)  # the free space it saw
+    with small_disk(checkpoints.layout.staging, "2m"):
+        assert take(checkpoints, ctx)
+        assert not [p for p in checkpoints.layout.staging.rglob("file-*") if p.stat().st_size]
+    [done] = [body for kind, body in sent if kind == MessageType.CHECKPOINT_DONE]
+    store_at(tmp_path).restore(done.checkpoint_id, tmp_path / "out")
+    assert (tmp_path / "out" / "big.bin").read_bytes() == (state / "big.bin").read_bytes()
+
+
+def test_a_full_blob_store_fails_the_checkpoint_cleanly_and_the_last_checkpoint_stays(tmp_path: Path) -> None:
     checkpoints, ctx, sent = worker_flow(tmp_path, user=None)
     state = tmp_path / "state"
     (state / "small.bin").write_bytes(os.urandom(512 << 10))
-    with small_disk(checkpoints.layout.staging, "2m"):
+    with small_disk(tmp_path / "blobs", "3m"):  # the local backend's blob store, on a disk of its own
         assert take(checkpoints, ctx)
-        (state / "big.bin").write_bytes(os.urandom(6 << 20))  # more than the worker's disk has left
+        (state / "big.bin").write_bytes(os.urandom(6 << 20))  # more than the store has room for
         assert not take(checkpoints, ctx)
-        left = [p for p in checkpoints.layout.staging.rglob("*") if p.is_file()]
-        assert all("a0001-n00001" in str(p) for p in left)  # the last capture's bytes, nothing half-written
-    failures = [body for kind, body in sent if kind == MessageType.CHECKPOINT_FAILED]
-    assert len(failures) == 1 and "disk is full" in failures[0].error
-    assert store_at(tmp_path).checkpoint_ids() == ["a0001-n00001"]  # still the newest good one
-    store_at(tmp_path).restore("a0001-n00001", tmp_path / "out")
+        failures = [body for kind, body in sent if kind == MessageType.CHECKPOINT_FAILED]
+        assert len(failures) == 1 and "No space left" in failures[0].error, failures
+        assert store_at(tmp_path).checkpoint_ids() == ["a0001-n00001"]  # still the newest good one
+        store_at(tmp_path).restore("a0001-n00001", tmp_path / "out")
     assert (tmp_path / "out" / "small.bin").read_bytes() == (state / "small.bin").read_bytes()
+    assert not [p for p in checkpoints.layout.staging.rglob("*") if "a0001-n00002" in str(p)]  # nothing left
+
+
+def test_a_file_read_in_place_that_changes_before_it_is_stored_fails_the_checkpoint(tmp_path: Path) -> None:
+    """In place, the bytes read are the job's own file's: if it changes before they are stored
+    (an image the job writes into, a hold that broke), the checkpoint must not count."""
+    state = tmp_path / "state"
+    (state / ".dmtcp").mkdir(parents=True)
+    (state / ".dmtcp" / "ckpt_a.dmtcp").write_bytes(os.urandom(2 << 20))
+    (state / "data.bin").write_bytes(os.urandom(1 << 20))
+    for changed in (".dmtcp/ckpt_a.dmtcp", "data.bin"):
+        store = store_at(tmp_path)
+        snapshot = store._snapshot(state, tmp_path / "staging", frozenset(), IMAGE, None, None, room=0)
+        assert len(snapshot.in_place) == 2 and snapshot.held_for_upload and "data.bin" in snapshot.held_for_upload
+        with open(state / changed, "r+b") as job_file:
+            job_file.seek(1000)
+            job_file.write(b"changed after the capture")
+        with pytest.raises(StateChanged, match="changed while it was read in place"):
+            store.commit(snapshot, "a0001-n00001", "directory")
+        store.release(snapshot)
+        assert store.checkpoint_ids() == []
 
 
 def test_reflinks_are_tried_then_left_for_a_plain_copy(tmp_path: Path) -> None:
