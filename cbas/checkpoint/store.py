@@ -38,17 +38,15 @@ from cbas.checkpoint.capture import (
     FileStamp, Pack, Piece, Snapshot, capture_file, check_in_place, check_owner, disk_room, stamp,
 )
 from cbas.checkpoint.chunking import StateChanged, UnsupportedFile, excluded, walk
+from cbas.checkpoint.collection import GC_GRACE_SECONDS, Collection
 from cbas.checkpoint.manifest import (
     CorruptCheckpoint, DirEntry, FileEntry, Manifest, list_id, seal, unseal,
 )
 from cbas.checkpoint.pipeline import CommitCancelled, capture_deferred, cut_and_store
 from cbas.checkpoint.restore import fetch_chunk, restore_files
-from cbas.messages import checkpoint_record_key
 from cbas.models import utcnow
 
 log = structlog.get_logger(__name__)
-# a chunk no manifest names yet may be another writer's commit under way: it is left this long
-GC_GRACE_SECONDS = 3600.0
 
 __all__ = ["ChunkStore", "CommitCancelled", "CorruptCheckpoint", "Manifest", "Snapshot", "StateChanged",
            "UnsupportedFile", "seal", "unseal"]
@@ -69,7 +67,7 @@ def _threads() -> int:
 Seen = tuple[FileStamp, FileEntry, list[Piece] | None]  # a file last time: stamp, entry, bytes kept
 
 
-class ChunkStore:
+class ChunkStore(Collection):
     """One job's checkpoints in a blob store. Transfers run in parallel, bounded by `workers`.
 
     Like restic or git, a file whose size, times and inode are what they were at the previous
@@ -102,9 +100,6 @@ class ChunkStore:
 
     def manifest_key(self, checkpoint_id: str) -> str:
         return f"jobs/{self.job_id}/ckpt/{checkpoint_id}/manifest.json"
-
-    def attempt_key(self, attempt: int) -> str:
-        return f"jobs/{self.job_id}/attempts/a{attempt:04d}.json"
 
     def known_chunks(self) -> set[str]:
         """Chunks already stored for this job (listed once, then kept up to date)."""
@@ -336,72 +331,6 @@ class ChunkStore:
     def checkpoint_ids(self) -> list[str]:
         keys = self.blobs.list(f"jobs/{self.job_id}/ckpt/")
         return sorted({key.split("/")[3] for key in keys if key.endswith("/manifest.json")})
-
-    # --- forgetting -----------------------------------------------------------------------------------
-    def claim_attempt(self, attempt: int, restored_from: str | None) -> None:
-        """Say that `attempt` writes this job's checkpoints now (before its job runs): the worker
-        of an older attempt, still running cut off from the master (a zombie), then collects
-        nothing, for it would delete chunks the newer attempt reuses from what it restored."""
-        self.blobs.put_bytes(self.attempt_key(attempt), json.dumps({"restored_from": restored_from}).encode())
-
-    def newest_attempt(self) -> int:
-        names = [key.rsplit("/", 1)[1] for key in self.blobs.list(f"jobs/{self.job_id}/attempts/")]
-        return max((int(name[1:5]) for name in names if name[:1] == "a" and name[1:5].isdigit()), default=0)
-
-    def collect_garbage(self, keep: int = 3, protect: Iterable[str] = (), attempt: int | None = None) -> tuple[list[str], int]:
-        """Keep the newest `keep` checkpoints (and `protect`ed ones); delete other manifests and
-        every chunk no kept manifest uses, no snapshot under way has pinned, and older than the
-        grace period (another writer's commit under way has stored it, not yet its manifest).
-        With the collector's `attempt`, nothing is collected once a newer attempt has claimed
-        the job. Returns the deleted checkpoint ids and chunk count."""
-        if attempt is not None and self.newest_attempt() > attempt:
-            log.warning("checkpoint.collect_skipped", job_id=self.job_id, attempt=attempt,
-                        why="a newer attempt writes this job's checkpoints: this one is not the job's any more")
-            return [], 0
-        with self._lock:
-            self._collecting += 1
-        try:
-            return self._collect(keep, protect)
-        finally:
-            with self._lock:
-                self._collecting -= 1
-                if not self._collecting:
-                    for chunk_ids in self._unpin_later:
-                        self._unpin(chunk_ids)
-                    self._unpin_later = []
-
-    def _collect(self, keep: int, protect: Iterable[str]) -> tuple[list[str], int]:
-        ids = self.checkpoint_ids()
-        kept = set(ids[-keep:]) | (set(protect) & set(ids))
-        dropped = [cid for cid in ids if cid not in kept]
-        used: set[str] = set()
-        for cid in kept:
-            try:
-                used.update(self.manifest(cid).chunk_sizes)
-            except CorruptCheckpoint:
-                continue
-        for cid in dropped:
-            self.blobs.delete(self.manifest_key(cid))
-            self.blobs.delete(checkpoint_record_key(self.job_id, cid))  # its report (the worker's record)
-        removed = 0
-        for key in self.blobs.list(f"jobs/{self.job_id}/chunks/"):
-            chunk_id = key.rsplit("/", 1)[1]
-            if chunk_id in used:
-                continue
-            try:
-                young = time.time() - self.blobs.modified(key) < self.gc_grace_seconds
-            except BlobNotFound:
-                continue  # gone already (another collector)
-            if young:
-                continue
-            with self._lock:  # a snapshot that finds it known pins it first, or stages a new copy
-                if chunk_id in self._pinned:
-                    continue
-                self.known_chunks().discard(chunk_id)
-                self.blobs.delete(key)
-            removed += 1
-        return dropped, removed
-
 
 def _remove(folder: Path) -> None:
     shutil.rmtree(folder, ignore_errors=True)
