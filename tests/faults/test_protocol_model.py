@@ -301,24 +301,22 @@ def test_an_announcement_handled_again_after_the_master_died_starts_the_job_on_i
 def test_the_master_dying_after_any_write_of_a_job_s_first_run_loses_nothing(world: World, writes: int) -> None:
     """kill -9 after the n-th store write from submission to a checkpoint: every state change has
     its event, every checkpoint is counted once, and the job runs on its first machine."""
+    def a_few_steps_with_the_master_started_again_if_it_died() -> None:
+        for _ in range(3):
+            if world.master is None:
+                world.master_up()
+            world.deliver_everything()
+            world.time_passes(5)
+            world.check()
+        if world.master is None:
+            world.master_up()
+
     world.submit(1)
     world.writes_left = writes
-    for _ in range(3):
-        if world.master is None:
-            world.master_up()
-        world.deliver_everything()
-        world.time_passes(5)
-        world.check()
+    a_few_steps_with_the_master_started_again_if_it_died()
     for worker in world.running_workers():
         worker.checkpoint()
-    for _ in range(3):
-        if world.master is None:
-            world.master_up()
-        world.deliver_everything()
-        world.time_passes(5)
-        world.check()
-    if world.master is None:
-        world.master_up()
+    a_few_steps_with_the_master_started_again_if_it_died()
     [job] = world.jobs_now()
     assert job.restarts == 0 and len(world.cloud.machines) == 1, job
     world.calm_down()
