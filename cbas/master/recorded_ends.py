@@ -76,7 +76,8 @@ class RecordedEnds(WorkerEvents):
 
     async def _learn_recorded_checkpoints(self, job_id: str, instance_id: str) -> None:
         """The current attempt's checkpoints its worker recorded and the master never heard of
-        (the newest few), counted before the job is restarted, so that it restarts from them."""
+        (the newest few), and those the master recorded but died before counting, counted before
+        the job is restarted, so that it restarts from them."""
         job = await self._current_on(job_id, instance_id)
         if job is None:
             return
@@ -102,6 +103,9 @@ class RecordedEnds(WorkerEvents):
                 continue
             log.info("checkpoint_record.learned", job_id=job_id, instance_id=instance_id, checkpoint=body.checkpoint_id)
             await self.checkpoint_done(checkpoint_record(body), final=False, instance_id=instance_id)
+        for record in await self.store.list_checkpoints(job_id):  # recorded, and the master died before counting it
+            if record.attempt == job.attempt:
+                await self._count_checkpoint(job, record, fresh=False)
 
     async def _learn_recorded_end(self, job_id: str, instance_id: str) -> bool:
         """True if the job's current attempt on instance_id had ended, as its worker recorded."""

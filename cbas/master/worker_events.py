@@ -76,6 +76,20 @@ def counted(job: Job, record: CheckpointRecord) -> dict[str, Any]:
     }
 
 
+def uncounted(job: Job, record: CheckpointRecord, fresh: bool) -> bool:
+    """Whether the job has yet to count this recorded checkpoint. One recorded just now has not;
+    an older one has, if the job remembers counting it, or if it is older than all the job
+    remembers (its newest counted, or the job's newest checkpoint, came after it)."""
+    if record.id in job.counted_checkpoints:
+        return False
+    if fresh:
+        return True
+    if len(job.counted_checkpoints) >= COUNTED_KEPT:  # it remembers the newest only
+        return record.id > min(job.counted_checkpoints)
+    # a job counted before it remembered any (an older master's) has counted up to its newest
+    return bool(job.counted_checkpoints) or record.id > (job.last_checkpoint or "")
+
+
 class WorkerEvents(Restarts):
     """The Master's side of what its workers say."""
 
@@ -91,7 +105,8 @@ class WorkerEvents(Restarts):
         job = await self._with_placement(entry, instance_id)
         if self.workers.was_noticed(instance_id):
             return  # about to be reclaimed: the job is restarted elsewhere at the notice's end
-        if announcement is not None and job.announcement == announcement and job.instance_id == instance_id:
+        if announcement is not None and job.announcement == announcement and job.instance_id == instance_id \
+                and job.state.has_machine():
             if job.state == JobState.STARTING:  # the worker ignores a START_JOB it has already
                 await self._send_start(job, instance_id, await self._restorable(job.id))
             return
@@ -236,29 +251,36 @@ class WorkerEvents(Restarts):
     # --- CHECKPOINT_DONE / CHECKPOINT_FAILED -------------------------------------------------------
     async def checkpoint_done(self, record: CheckpointRecord, final: bool, instance_id: str) -> None:
         job = await self.store.get_job(record.job_id)
-        if job.attempt != record.attempt or job.state.is_terminal():
+        if job.attempt != record.attempt:
             log.info("checkpoint.stale", job_id=job.id, checkpoint=record.id)
             return
+        recorded = next((r for r in await self.store.list_checkpoints(job.id) if r.id == record.id), None)
+        if job.state.is_terminal():  # its end came first: only one recorded before the master died counts
+            if recorded is not None:
+                await self._count_checkpoint(job, recorded, fresh=False)
+            return
         record = record.model_copy(update={"work_seconds": checkpointed_work(job, record)})
-        if not await self.store.add_checkpoint(record):  # recorded already: counted unless the master died first
-            record = next((r for r in await self.store.list_checkpoints(job.id) if r.id == record.id), record)
-        await self._count_checkpoint(job, record)
+        fresh = recorded is None and await self.store.add_checkpoint(record)
+        if not fresh:  # recorded already: counted, unless the master died in between
+            record = recorded or next(r for r in await self.store.list_checkpoints(job.id) if r.id == record.id)
+        await self._count_checkpoint(job, record, fresh)
         if final:  # the worker stopped the job after it: its attempt on the sender's machine is over
             await self._end_checkpointed_attempt(job, instance_id)
 
-    async def _count_checkpoint(self, job: Job, record: CheckpointRecord) -> None:
+    async def _count_checkpoint(self, job: Job, record: CheckpointRecord, fresh: bool) -> None:
         """A recorded checkpoint, counted once: the job's statistics with its event (one write),
-        and the restart it proves is making progress (its stall watchdog goes)."""
+        and the restart it proves is making progress (its stall watchdog goes). `fresh`: recorded
+        just now (else it may have been counted already)."""
         crash_point("checkpoint-recorded")
         now_counted = await self.store.mutate_job(
-            job.id, lambda j: None if record.id in j.counted_checkpoints else j.model_copy(update=counted(j, record)),
+            job.id, lambda j: j.model_copy(update=counted(j, record)) if uncounted(j, record, fresh) else None,
             JobEvent(job_id=job.id, kind="checkpoint", detail=checkpoint_detail(record)))
         if now_counted is None:
             return  # a copy of one counted already
         self.metrics.checkpoint_seconds.observe(record.pause_seconds + record.upload_seconds)
         self.metrics.checkpoint_bytes.observe(record.new_bytes)
         self.progress.disarm(job.id)
-        if record.snapshot_id:  # a newer disk snapshot: those beyond the kept ones go
+        if record.snapshot_id and not now_counted.state.is_terminal():  # those beyond the kept ones go
             await self.drop_snapshots(job.id, keep=self.settings.checkpoints_kept)
 
     async def _end_checkpointed_attempt(self, job: Job, instance_id: str) -> None:

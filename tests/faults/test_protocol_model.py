@@ -320,3 +320,25 @@ def test_the_master_dying_after_any_write_of_a_job_s_first_run_loses_nothing(wor
     [job] = world.jobs_now()
     assert job.restarts == 0 and len(world.cloud.machines) == 1, job
     world.calm_down()
+
+
+def test_a_checkpoint_recorded_before_the_master_died_counts_even_if_its_machine_is_lost(world: World) -> None:
+    """Recorded, not yet counted, kill -9, and the machine is gone with the fact in its outbox
+    (found by the model): the job must still restart from it, and count it."""
+    running_job(world)
+    [worker] = world.running_workers()
+    world.crash_at = "checkpoint-recorded"
+    worker.checkpoint()
+    world.deliver_everything()
+    assert world.master is None
+    world.network.to_master.clear()
+    world.cloud.gone(worker.instance_id)
+    world.master_up()
+    world.time_passes(30)
+    [job] = world.jobs_now()
+    assert job.checkpoints == 1 and job.last_checkpoint == "a0001-n00001" and job.restarts == 0, job
+    world.deliver_everything()
+    world.time_passes(5)
+    [job] = world.jobs_now()
+    assert job.restored_from == "a0001-n00001", job
+    world.calm_down()
