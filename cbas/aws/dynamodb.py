@@ -157,17 +157,21 @@ class DynamoJobStore:
             if event is None:
                 await self._run(self._put, self._job_item(new), "#v = :v", {":v": job.version}, {"#v": "version"})
             else:
-                await self._run(self._put_with_event, self._job_item(new), job.version, self._event_item(event))
+                # one token for every try: a try whose answer was lost, made again, is the same write
+                await self._run(self._put_with_event, self._job_item(new), job.version, self._event_item(event),
+                                secrets.token_hex(16))
         except ClientError as exc:
             if _conditional_failed(exc):
                 raise StaleWrite(f"job {job.id} changed since version {job.version}") from None
             raise
         return new
 
-    def _put_with_event(self, item: dict[str, Any], version: int, event: dict[str, Any]) -> None:
+    def _put_with_event(self, item: dict[str, Any], version: int, event: dict[str, Any], token: str) -> None:
         """The job's conditional write and its event as one transaction (both land, or neither).
-        The resource's client types plain values itself, as the table's calls do."""
-        self.resource.meta.client.transact_write_items(TransactItems=[
+        The resource's client types plain values itself, as the table's calls do. AWS treats a
+        transaction made again with the same token within 10 minutes as the one it answered
+        (moto 5.2.5 ignores the token: that is not tested here)."""
+        self.resource.meta.client.transact_write_items(ClientRequestToken=token, TransactItems=[
             {"Put": {"TableName": self.table_name, "Item": item, "ConditionExpression": "#v = :v",
                      "ExpressionAttributeNames": {"#v": "version"}, "ExpressionAttributeValues": {":v": version}}},
             {"Put": {"TableName": self.table_name, "Item": event}},

@@ -16,10 +16,20 @@ TRANSIENT_CODES = frozenset({
 T = TypeVar("T")
 
 
+# a transaction cancelled for one of these reasons is throttled, not refused
+TRANSIENT_CANCELLATIONS = frozenset({"ThrottlingError", "ProvisionedThroughputExceeded", "RequestLimitExceeded"})
+
+
 def is_transient(error: BaseException) -> bool:
     if isinstance(error, (BotoConnectionError, EndpointConnectionError)):
         return True
-    return isinstance(error, ClientError) and error.response.get("Error", {}).get("Code") in TRANSIENT_CODES
+    if not isinstance(error, ClientError):
+        return False
+    code = error.response.get("Error", {}).get("Code")
+    if code == "TransactionCanceledException":
+        reasons = {reason.get("Code") for reason in error.response.get("CancellationReasons", [])}
+        return bool(reasons & TRANSIENT_CANCELLATIONS)
+    return code in TRANSIENT_CODES
 
 
 def aws_retry(func: Callable[..., T]) -> Callable[..., T]:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,6 +81,10 @@ class Snapshot:
     # files read in place (no room to copy them): index -> (descriptor, whether the job must stay held)
     in_place: dict[int, tuple[int, bool]] = field(default_factory=dict)
     held_for_upload: str | None = None  # why the job stays held until the checkpoint is stored
+    # a commit holds `committing`; a release meanwhile (its caller gave up) only sets `abandoned`
+    # and the commit lets the snapshot go when it stops: no descriptor it reads is closed under it
+    committing: threading.Lock = field(default_factory=threading.Lock)
+    abandoned: threading.Event = field(default_factory=threading.Event)
 
     def fits(self, size: int) -> bool:
         """Whether `size` more bytes may be copied; they are counted if so."""

@@ -209,7 +209,17 @@ class ChunkStore(Collection):
 
     def release(self, snapshot: Snapshot) -> None:
         """A snapshot committed or given up: its chunks may be collected; its captured bytes go,
-        unless they are what the next capture compares with."""
+        unless they are what the next capture compares with. Given up while a commit still runs
+        (its caller was cancelled; the thread goes on): the commit stops and lets it go itself."""
+        if not snapshot.committing.acquire(blocking=False):
+            snapshot.abandoned.set()
+            return
+        try:
+            self._release(snapshot)
+        finally:
+            snapshot.committing.release()
+
+    def _release(self, snapshot: Snapshot) -> None:
         for _, _, _, fd in snapshot.deferred:
             os.close(fd)
         snapshot.deferred = []
@@ -265,6 +275,15 @@ class ChunkStore(Collection):
         """Cut and store the captured files' new chunks, then the manifest: only then does the
         checkpoint exist. Setting `cancelled` stops it between chunks (CommitCancelled); the
         caller releases the snapshot."""
+        with snapshot.committing:
+            try:
+                return self._commit(snapshot, checkpoint_id, strategy, stdout_bytes, stderr_bytes, cancelled)
+            finally:
+                if snapshot.abandoned.is_set():  # released meanwhile: now it goes
+                    self._release(snapshot)
+
+    def _commit(self, snapshot: Snapshot, checkpoint_id: str, strategy: str, stdout_bytes: int, stderr_bytes: int,
+                cancelled: threading.Event | None) -> Manifest:
         try:
             self.finish(snapshot)
         except OSError as exc:
@@ -279,7 +298,7 @@ class ChunkStore(Collection):
             total_bytes=snapshot.total_bytes, new_bytes=stored.new_bytes, stdout_bytes=stdout_bytes,
             stderr_bytes=stderr_bytes,
         )
-        if cancelled is not None and cancelled.is_set():
+        if (cancelled is not None and cancelled.is_set()) or snapshot.abandoned.is_set():
             raise CommitCancelled(f"checkpoint {checkpoint_id} was superseded before it was uploaded")
         self.blobs.put_bytes(self.manifest_key(checkpoint_id), seal(manifest.model_dump_json().encode(), self._key))
         with self._lock:

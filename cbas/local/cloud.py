@@ -207,9 +207,11 @@ class LocalCloud:
                 env=env, start_new_session=True,
             )
         self._children[instance_id] = child
-        record.pgid = child.pid
-        record.machine.state = "running"
-        self._save(record)
+        with self._changing:  # read again: the market may have given it a notice meanwhile
+            record = self.record(instance_id)
+            record.pgid = child.pid
+            record.machine.state = "running"
+            self._save(record)
         log.info("machine.launched", instance_id=instance_id, job_id=spec.job_id, zone=spec.zone,
                  market=spec.market, price=price)
         return record.machine

@@ -193,15 +193,17 @@ class JobRun:
         )
         self.ctx = ctx
         if on_volume is None:
+            # before the restore: an older attempt's worker, if it still runs, collects nothing more
+            # (it would delete what this one restores and reuses)
+            try:
+                await asyncio.to_thread(self.store.claim_attempt, self.start.attempt,
+                                        self.start.checkpoints[0] if self.start.checkpoints else None)
+            except Exception as exc:  # the blob store gave up: the restore and checkpoints say so too
+                self.log.warning("attempt.claim_failed", error=str(exc))
             self.restored_from = await asyncio.to_thread(self.sandbox.restore, self.checkpointer, ctx, user)
         else:
             self.restored_from = on_volume
             self.log.info("checkpoint.restored", checkpoint=on_volume, source="volume snapshot")
-        if on_volume is None:  # before the job runs: an older attempt's worker, if it still runs, collects nothing
-            try:
-                await asyncio.to_thread(self.store.claim_attempt, self.start.attempt, self.restored_from)
-            except Exception as exc:  # the blob store gave up: its checkpoints would fail too, and say so
-                self.log.warning("attempt.claim_failed", error=str(exc))
         ctx.env = self.sandbox.environment(ctx, self.identity.name, restored=self.restored_from is not None)
         validate = Validator(self.layout, ctx, self.checkpointer, self._open_store, self._make_cgroup) \
             if self.description.validate_checkpoint else None

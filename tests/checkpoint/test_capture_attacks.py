@@ -308,3 +308,53 @@ def test_reflinks_are_tried_then_left_for_a_plain_copy(tmp_path: Path) -> None:
         os.close(fd)
     assert (tmp_path / "b").read_bytes() == source.read_bytes()
     assert (tmp_path / "b").stat().st_mode & 0o777 == 0o600
+
+
+def test_a_snapshot_let_go_while_its_commit_runs_never_reads_another_file(tmp_path: Path) -> None:
+    """A checkpoint given up mid-upload (its task cancelled: the job ended, a newer one took its
+    place) while its thread goes on: the descriptors it reads in place must stay open until it
+    stops, or their numbers, reused by the worker's next open, would put another file's bytes
+    (a root-only one) into a checkpoint that counts."""
+    import threading
+
+    from cbas.checkpoint.store import CommitCancelled
+
+    state = tmp_path / "state"
+    (state / ".dmtcp").mkdir(parents=True)
+    (state / ".dmtcp" / "ckpt_a.dmtcp").write_bytes(os.urandom(4 << 20))
+    store = store_at(tmp_path)
+    snapshot = store._snapshot(state, tmp_path / "staging", frozenset(), IMAGE, None, None, room=0)
+    [(fd, _)] = snapshot.in_place.values()
+    first_chunk, go_on = threading.Event(), threading.Event()
+    put = store.blobs.put_bytes
+
+    def slow(key: str, data: bytes) -> None:
+        if "/chunks/" in key and not first_chunk.is_set():
+            first_chunk.set()
+            assert go_on.wait(10)
+        put(key, data)
+
+    store.blobs.put_bytes = slow  # type: ignore[method-assign]
+    failed: list[BaseException] = []
+
+    def commit() -> None:
+        try:
+            store.commit(snapshot, "a0001-n00001", "dmtcp")
+        except BaseException as exc:
+            failed.append(exc)
+
+    committing = threading.Thread(target=commit)
+    committing.start()
+    assert first_chunk.wait(10)
+    store.release(snapshot)  # the caller gives up; the thread is still in the upload
+    other = secret_file(tmp_path)
+    opened = os.open(other, os.O_RDONLY)  # the number the in-place descriptor had, if it was closed
+    try:
+        go_on.set()
+        committing.join(10)
+        assert isinstance(failed[0], CommitCancelled) and store.checkpoint_ids() == []
+        assert SECRET not in everything_stored(tmp_path)
+    finally:
+        os.close(opened)
+    with pytest.raises(OSError):
+        os.fstat(fd)  # and once it stopped, the snapshot was let go
