@@ -164,6 +164,42 @@ async def test_real_dmtcp_restarts_a_killed_program_to_the_same_output(harness: 
     assert second.checkpointer.hook is not None  # the hook plugin was built and loaded
 
 
+@pytest.mark.dmtcp
+@pytest.mark.skipif(REAL is None, reason="the real DMTCP (dmtcp_launch) is not on the PATH")
+async def test_real_dmtcp_images_that_do_not_fit_on_the_disk_are_read_in_place(
+        harness: Harness, monkeypatch: pytest.MonkeyPatch) -> None:
+    """No room on the worker's disk for a copy of the images (a state as big as the disk, 1 MiB
+    free beyond the job's reserve): they are read where DMTCP wrote them, after the job goes on
+    (they are never changed in place), the job's small files are copied, and the restart is exact."""
+    from cbas.checkpoint import store
+
+    captured: list[tuple[set[str], str | None]] = []
+    snapshot = store.ChunkStore._snapshot
+
+    def noted(self, *args, **kwargs):  # type: ignore[no-untyped-def]
+        taken = snapshot(self, *args, **kwargs)  # what it reads in place, before it is let go
+        captured.append(({taken.files[i].path for i in taken.in_place}, taken.held_for_upload))
+        return taken
+
+    monkeypatch.setattr(store, "disk_room", lambda folder: 1 << 20)
+    monkeypatch.setattr(store.ChunkStore, "_snapshot", noted)
+    harness.upload_inputs("r9", {"sums.py": PY_PROGRAM.encode()})
+    text = 'Executable = "/usr/bin/python3"; Arguments = "sums.py"; CheckpointStrategy = "dmtcp"; CheckpointInterval = 3600;'
+    first = harness.run("r9", text)
+    task = asyncio.create_task(first.run())
+    await wait_for_line(first.layout.stdout, "\n20 ")
+    assert await first.checkpoint("notice", final=True)
+    await asyncio.wait_for(task, 20)
+    [(in_place, held)] = captured
+    assert in_place and all(path.startswith(".dmtcp/ckpt_") for path in in_place), in_place
+    assert held is None, held
+    [done] = harness.of_type(MessageType.CHECKPOINT_DONE)
+    second = harness.run("r9", text, checkpoints=[done.body["checkpoint_id"]])
+    await asyncio.wait_for(second.run(), 60)
+    assert second.restored_from == done.body["checkpoint_id"]
+    assert (second.layout.stdout).read_text().endswith(expected_sums()[-200:])
+
+
 async def test_without_the_plugin_it_checkpoints_after_the_resume_and_warns(
     harness: Harness, fake_dmtcp: Path, capsys: pytest.CaptureFixture[str],
 ) -> None:
