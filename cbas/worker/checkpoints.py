@@ -37,6 +37,7 @@ from cbas.worker.job_files import JobLayout
 
 log = structlog.get_logger(__name__)
 
+JOB_END_GRACE = 1.0  # seconds: a capture that failed as the job ended is the job's end, not a failure
 VOLUME_MARKER = ".cbas-checkpoint"  # volume storage: names the checkpoint a disk was snapshotted at
 Report = Callable[[MessageType, object], Awaitable[bool]]
 Validate = Callable[[str, float | None], Awaitable[str | None]]  # checkpoint, deadline -> None if good, else why not
@@ -144,12 +145,28 @@ class Checkpoints:
                         if snapshot.held_for_upload:
                             manifest = await self._store_held(snapshot, checkpoint_id, stdout, stderr)
             except Exception as exc:  # the strategy, the files or the disk: this one does not count
-                self._failed(checkpoint_id, reason, str(exc) if isinstance(exc, CheckpointFailed)
-                             else f"{type(exc).__name__}: {exc}")
+                if await self._ended(process):  # e.g. DMTCP's coordinator, gone with the job: no failure
+                    self.log.info("checkpoint.skipped", checkpoint=checkpoint_id, reason=reason,
+                                  why=f"the job ended while it was captured ({exc})")
+                else:
+                    self._failed(checkpoint_id, reason, str(exc) if isinstance(exc, CheckpointFailed)
+                                 else f"{type(exc).__name__}: {exc}")
                 await asyncio.to_thread(shutil.rmtree, self.layout.staging / checkpoint_id, True)
                 return None
             return Captured(checkpoint_id, reason, final, deadline, snapshot, stdout, stderr,
                             time.monotonic() - started, threading.Event(), started, manifest)
+
+    @staticmethod
+    async def _ended(process: JobProcess) -> bool:
+        """Whether the job has ended, or ends within a moment (its exit is seen a little after
+        what it took with it, such as DMTCP's coordinator)."""
+        if process.process.returncode is not None:
+            return True
+        try:
+            await asyncio.wait_for(asyncio.shield(process.process.wait()), JOB_END_GRACE)
+        except TimeoutError:
+            return False
+        return True
 
     async def _store_held(self, snapshot: Snapshot, checkpoint_id: str, stdout: int, stderr: int) -> Manifest:
         """A capture some of whose files are read in place, the job held: stored now, before it runs on."""

@@ -58,7 +58,12 @@ class HeldStill:
 
 class Running:
     class process:  # noqa: N801  (the attribute JobProcess has)
-        returncode = None
+        returncode: int | None = None
+
+        @staticmethod
+        async def wait() -> int:
+            await asyncio.Event().wait()  # it runs on
+            return 0
 
 
 def worker_flow(tmp: Path, user: tuple[int, int] | None = (JOB_UID, JOB_UID)) -> tuple[Checkpoints, JobContext, list]:  # type: ignore[type-arg]
@@ -358,3 +363,39 @@ def test_a_snapshot_let_go_while_its_commit_runs_never_reads_another_file(tmp_pa
         os.close(opened)
     with pytest.raises(OSError):
         os.fstat(fd)  # and once it stopped, the snapshot was let go
+
+
+def test_a_capture_that_fails_because_the_job_ended_is_not_a_failed_checkpoint(tmp_path: Path) -> None:
+    """The interval checkpoint begins as the job exits: DMTCP's coordinator is gone before the
+    worker sees the exit (seen under load). That is the job's end, not a checkpoint that failed."""
+    from cbas.checkpoint.base import CheckpointFailed
+
+    class Ending:
+        class process:  # noqa: N801
+            returncode: int | None = None
+
+            @classmethod
+            async def wait(cls) -> int:
+                await asyncio.sleep(0.1)
+                cls.returncode = 0
+                return 0
+
+    class GoneWithTheJob(HeldStill):
+        @asynccontextmanager
+        async def quiesced(self, ctx: JobContext, job: object) -> AsyncIterator[None]:
+            raise CheckpointFailed("DMTCP's coordinator (port 1) is gone")
+            yield
+
+    checkpoints, ctx, sent = worker_flow(tmp_path, user=None)
+    checkpoints.checkpointer = GoneWithTheJob(tmp_path / "state")  # type: ignore[assignment]
+
+    async def go(job: object) -> bool:
+        taken = await checkpoints.take(ctx, job, "interval")  # type: ignore[arg-type]
+        await checkpoints.reported()
+        return taken
+
+    assert not asyncio.run(go(Ending()))
+    assert not [kind for kind, _ in sent if kind == MessageType.CHECKPOINT_FAILED]
+    assert not asyncio.run(go(Running()))  # the job runs on: that one is a failure, and says so
+    [(_, failure)] = [(kind, body) for kind, body in sent if kind == MessageType.CHECKPOINT_FAILED]
+    assert "coordinator (port 1) is gone" in failure.error
