@@ -27,6 +27,7 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from cbas.models import CheckpointRecord
 from cbas.state import JobState
 from tests.faults.model_harness import World
+from tests.faults.model_world import ModelWorker
 
 CRASH_POINTS = ["start-recorded", "checkpoint-recorded", "job-finished-recorded", "launch-ledger-written",
                 "launch-machine-started", "move-requested", "notice-recorded"]
@@ -262,16 +263,22 @@ def test_a_job_whose_machine_was_lost_after_it_finished_completes_with_its_resul
     world.calm_down()
 
 
-def test_a_checkpoint_recorded_before_the_master_died_is_counted_when_its_worker_says_it_again(world: World) -> None:
-    """Recorded, not yet counted, then kill -9: the worker sends the fact again (not ACKed) and it
-    must count then (it was taken for a copy of one counted: the job showed no checkpoint, and a
-    restart loop judged by it fell back from a good checkpoint)."""
+def checkpoint_recorded_then_the_master_dies(world: World) -> ModelWorker:
+    """A running job's worker checkpoints; the master records it and is killed before counting it."""
     running_job(world)
     [worker] = world.running_workers()
     world.crash_at = "checkpoint-recorded"
     worker.checkpoint()
     world.deliver_everything()
     assert world.master is None
+    return worker
+
+
+def test_a_checkpoint_recorded_before_the_master_died_is_counted_when_its_worker_says_it_again(world: World) -> None:
+    """Recorded, not yet counted, then kill -9: the worker sends the fact again (not ACKed) and it
+    must count then (it was taken for a copy of one counted: the job showed no checkpoint, and a
+    restart loop judged by it fell back from a good checkpoint)."""
+    checkpoint_recorded_then_the_master_dies(world)
     world.master_up()
     world.time_passes(5)  # the worker pings, and sends what was not ACKed again
     world.deliver_everything()
@@ -325,12 +332,7 @@ def test_the_master_dying_after_any_write_of_a_job_s_first_run_loses_nothing(wor
 def test_a_checkpoint_recorded_before_the_master_died_counts_even_if_its_machine_is_lost(world: World) -> None:
     """Recorded, not yet counted, kill -9, and the machine is gone with the fact in its outbox
     (found by the model): the job must still restart from it, and count it."""
-    running_job(world)
-    [worker] = world.running_workers()
-    world.crash_at = "checkpoint-recorded"
-    worker.checkpoint()
-    world.deliver_everything()
-    assert world.master is None
+    worker = checkpoint_recorded_then_the_master_dies(world)
     world.network.to_master.clear()
     world.cloud.gone(worker.instance_id)
     world.master_up()
