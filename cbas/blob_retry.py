@@ -60,11 +60,11 @@ class RetryingBlobStore:
     def exists(self, key: str) -> bool:
         return self._retry(f"exists {key}", lambda: self.inner.exists(key))
 
-    def modified(self, key: str) -> float:
-        return self._retry(f"modified {key}", lambda: self.inner.modified(key))
-
     def list(self, prefix: str) -> list[str]:
         return self._retry(f"list {prefix}", lambda: self.inner.list(prefix))
+
+    def list_modified(self, prefix: str) -> dict[str, float]:
+        return self._retry(f"list {prefix}", lambda: self.inner.list_modified(prefix))
 
     def delete(self, key: str) -> None:
         self._retry(f"delete {key}", lambda: self.inner.delete(key))

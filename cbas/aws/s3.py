@@ -84,15 +84,6 @@ class S3BlobStore:
                 raise BlobNotFound(key) from None
             raise
 
-    @aws_retry
-    def modified(self, key: str) -> float:
-        try:
-            return float(self.client.head_object(Bucket=self.bucket, Key=key)["LastModified"].timestamp())
-        except ClientError as exc:
-            if self._absent(key, exc):
-                raise BlobNotFound(key) from None
-            raise
-
     def exists(self, key: str) -> bool:
         try:
             self.size(key)
@@ -100,12 +91,16 @@ class S3BlobStore:
         except BlobNotFound:
             return False
 
-    @aws_retry
     def list(self, prefix: str) -> list[str]:
-        keys: list[str] = []
+        return sorted(self.list_modified(prefix))
+
+    @aws_retry
+    def list_modified(self, prefix: str) -> dict[str, float]:
+        """One listing gives each object's LastModified: no HEAD per key."""
+        modified: dict[str, float] = {}
         for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
-            keys += [item["Key"] for item in page.get("Contents", [])]
-        return sorted(keys)
+            modified.update((item["Key"], item["LastModified"].timestamp()) for item in page.get("Contents", []))
+        return modified
 
     @aws_retry
     def delete(self, key: str) -> None:

@@ -86,6 +86,10 @@ class Snapshot:
     committing: threading.Lock = field(default_factory=threading.Lock)
     abandoned: threading.Event = field(default_factory=threading.Event)
 
+    def given_up(self, cancelled: threading.Event | None) -> bool:
+        """A newer checkpoint took its place (`cancelled`), or its caller let it go (`abandoned`)."""
+        return (cancelled is not None and cancelled.is_set()) or self.abandoned.is_set()
+
     def fits(self, size: int) -> bool:
         """Whether `size` more bytes may be copied; they are counted if so."""
         if self.room is None:

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Iterable
 
 import structlog
 
-from cbas.backends import BlobNotFound, BlobStore
+from cbas.backends import BlobStore
 from cbas.checkpoint.manifest import CorruptCheckpoint
 from cbas.messages import checkpoint_record_key
 
@@ -91,15 +91,10 @@ class Collection:
             self.blobs.delete(self.manifest_key(cid))
             self.blobs.delete(checkpoint_record_key(self.job_id, cid))  # its report (the worker's record)
         removed = 0
-        for key in self.blobs.list(f"jobs/{self.job_id}/chunks/"):
+        young = time.time() - self.gc_grace_seconds
+        for key, written in sorted(self.blobs.list_modified(f"jobs/{self.job_id}/chunks/").items()):
             chunk_id = key.rsplit("/", 1)[1]
-            if chunk_id in used:
-                continue
-            try:
-                young = time.time() - self.blobs.modified(key) < self.gc_grace_seconds
-            except BlobNotFound:
-                continue  # gone already (another collector)
-            if young:
+            if chunk_id in used or written > young:
                 continue
             with self._lock:  # a snapshot that finds it known pins it first, or stages a new copy
                 if chunk_id in self._pinned:

@@ -54,7 +54,7 @@ def cut_and_store(store: "ChunkStore", snapshot: Snapshot, cancelled: threading.
     known = store.known_chunks()
 
     def put(chunk_id: str | None, data: bytes | memoryview) -> tuple[str, int]:
-        if (cancelled is not None and cancelled.is_set()) or snapshot.abandoned.is_set():
+        if snapshot.given_up(cancelled):
             raise CommitCancelled(f"checkpoint in {snapshot.staging.name} was superseded before it was uploaded")
         chunk_id = chunk_id or hashlib.sha256(data).hexdigest()
         with store._lock:  # against collect_garbage: a chunk found known stays until committed

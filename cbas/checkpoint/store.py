@@ -174,10 +174,8 @@ class ChunkStore(Collection):
                         snapshot.deferred.append((index, relative, info, os.dup(fd)))
                     else:  # never changed in place: read where it is, the job running on
                         snapshot.pieces[index] = snapshot.read_in_place(index, relative, fd, info.st_size, held=False)
-                    entry = FileEntry(path=relative, mode=mode, size=0, chunks=[], sha256="")
                 elif not snapshot.fits(info.st_size):
                     snapshot.pieces[index] = snapshot.read_in_place(index, relative, fd, info.st_size, held=True)
-                    entry = FileEntry(path=relative, mode=mode, size=0, chunks=[], sha256="")
                 else:
                     previous = self._seen.get(relative)
                     snapshot.pieces[index] = capture_file(relative, info, fd, snapshot.staging / f"file-{index:06d}",
@@ -185,6 +183,7 @@ class ChunkStore(Collection):
                     for piece in snapshot.pieces[index]:
                         if piece.chunk_id is not None and piece.source == pack.path:
                             snapshot.staged[piece.chunk_id] = pack.path
+                if entry is None:  # its chunks are known once it is cut
                     entry = FileEntry(path=relative, mode=mode, size=0, chunks=[], sha256="")
             finally:
                 os.close(fd)
@@ -298,7 +297,7 @@ class ChunkStore(Collection):
             total_bytes=snapshot.total_bytes, new_bytes=stored.new_bytes, stdout_bytes=stdout_bytes,
             stderr_bytes=stderr_bytes,
         )
-        if (cancelled is not None and cancelled.is_set()) or snapshot.abandoned.is_set():
+        if snapshot.given_up(cancelled):
             raise CommitCancelled(f"checkpoint {checkpoint_id} was superseded before it was uploaded")
         self.blobs.put_bytes(self.manifest_key(checkpoint_id), seal(manifest.model_dump_json().encode(), self._key))
         with self._lock:

@@ -6,7 +6,7 @@ import os
 import shutil
 import tempfile
 from pathlib import Path
-from typing import BinaryIO, Callable
+from typing import BinaryIO, Callable, Iterator
 
 from cbas.backends import BlobNotFound, Progress
 
@@ -79,24 +79,28 @@ class FolderBlobStore:
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
 
-    def modified(self, key: str) -> float:
-        try:
-            return self._path(key).stat().st_mtime
-        except FileNotFoundError:
-            raise BlobNotFound(key) from None
-
     def list(self, prefix: str) -> list[str]:
+        return sorted(key for key, _ in self._under(prefix))
+
+    def list_modified(self, prefix: str) -> dict[str, float]:
+        modified = {}
+        for key, path in self._under(prefix):
+            try:
+                modified[key] = path.stat().st_mtime
+            except FileNotFoundError:
+                continue  # deleted since it was listed
+        return modified
+
+    def _under(self, prefix: str) -> Iterator[tuple[str, Path]]:
         base = self.root / prefix if prefix else self.root
         start = base if base.is_dir() else base.parent
         if not start.exists():
-            return []
-        keys = []
+            return
         for path in start.rglob("*"):
             if path.is_file() and not path.name.startswith(".part-"):
                 key = path.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
-                    keys.append(key)
-        return sorted(keys)
+                    yield key, path
 
     def delete(self, key: str) -> None:
         path = self._path(key)

@@ -21,7 +21,7 @@ from pydantic import ValidationError
 from cbas import authority, jsonlimits
 from cbas.authority import Unauthorized
 from cbas.backends import NotFound
-from cbas.master.worker_events import WorkerEvents, checkpoint_record
+from cbas.master.worker_events import WorkerEvents, checkpoint_record, uncounted
 from cbas.messages import (
     CheckpointDone, Envelope, JobDone, JobFailed, MessageType, checkpoint_record_key, end_record_key, worker_address,
 )
@@ -88,8 +88,8 @@ class RecordedEnds(WorkerEvents):
         except Exception as exc:
             log.warning("worker_record.unreadable", job_id=job_id, error=f"{type(exc).__name__}: {exc}")
             return
-        unheard = sorted(key for key in keys if key == checkpoint_record_key(job_id, key.split("/")[3])
-                         and key.split("/")[3] not in known)
+        reports = {checkpoint_record_key(job_id, cid) for cid in {key.split("/")[3] for key in keys} - known}
+        unheard = sorted(reports.intersection(keys))  # the reports of checkpoints it has no record of
         for key in unheard[-self.settings.checkpoints_kept:]:
             raw = await self._read_record(job_id, key)
             if raw is None:
@@ -103,8 +103,9 @@ class RecordedEnds(WorkerEvents):
                 continue
             log.info("checkpoint_record.learned", job_id=job_id, instance_id=instance_id, checkpoint=body.checkpoint_id)
             await self.checkpoint_done(checkpoint_record(body), final=False, instance_id=instance_id)
+        job = await self.store.get_job(job_id)
         for record in await self.store.list_checkpoints(job_id):  # recorded, and the master died before counting it
-            if record.attempt == job.attempt:
+            if record.attempt == job.attempt and uncounted(job, record, fresh=False):
                 await self._count_checkpoint(job, record, fresh=False)
 
     async def _learn_recorded_end(self, job_id: str, instance_id: str) -> bool:

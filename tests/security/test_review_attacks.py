@@ -665,11 +665,11 @@ class PausingBlobs(FolderBlobStore):
         self.at_chunk_listing = threading.Event()
         self.go_on = threading.Event()
 
-    def list(self, prefix: str) -> list[str]:
+    def list_modified(self, prefix: str) -> dict[str, float]:
         if threading.current_thread() is self.collector and prefix.endswith("/chunks/"):
             self.at_chunk_listing.set()
             assert self.go_on.wait(10)
-        return super().list(prefix)
+        return super().list_modified(prefix)
 
 
 def test_garbage_collection_never_deletes_a_checkpoint_committed_while_it_ran(tmp_path: Path) -> None:
