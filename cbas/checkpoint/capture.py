@@ -7,8 +7,10 @@ While the job is held (the cgroup freezer, SIGSTOP, DMTCP's hook) each file is, 
   on, and its size and times must then still be what they were, or the checkpoint fails;
 - changed, with last capture's bytes kept: compared with them (cbas.checkpoint.delta); only the
   chunks that differ are cut, hashed and kept, in this capture's pack;
-- otherwise cloned (a reflink, where the file system has them: no bytes copied) or copied (the
-  kernel's sendfile, page cache to page cache) into this capture's folder.
+- otherwise cloned (a reflink, where the file system has them: no bytes copied, the blocks shared
+  until the job writes them) or copied (copy_file_range, page cache to page cache) into this
+  capture's folder. A clone counts against the room a capture may take like a copy: the job's
+  writes after it cost that much disk while the checkpoint is stored.
 Hashing, compression and upload come after the job goes on (cbas.checkpoint.pipeline). Hard links
 are not used for a working folder: a hard link is the job's own inode, which it can still write,
 or one the worker must not read (a link the job made to another's file); the worker's copies are
@@ -215,29 +217,50 @@ def _compared(fd: int, size: int, target: Path, pack: Pack, previous: list[Piece
     return pieces
 
 
-_reflinks = {"work": True}  # False once a file system here said it has none
+_reflinks: dict[int, bool] = {}  # file system (st_dev) -> whether it clones whole files (FICLONE)
+_UNSUPPORTED = (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF, errno.ENOSYS)
 
 
 def _clone_or_copy(fd: int, target: Path, length: int, offset: int) -> int:
-    """Bytes [offset, offset + length) of fd into a new file `target`; how many there were."""
+    """Bytes [offset, offset + length) of fd into a new file `target`; how many there were. A whole
+    file is cloned where the file system can (XFS, btrfs: no byte copied, its blocks shared until
+    the job writes them); a part is copied with copy_file_range, which the kernel turns into a
+    clone of the block-aligned ranges on those file systems and a copy in the page cache elsewhere."""
     out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        if offset == 0 and _reflinks["work"]:
+        device = os.fstat(out).st_dev
+        if offset == 0 and _reflinks.get(device, True):
             try:
                 fcntl.ioctl(out, FICLONE, fd)
+                _reflinks[device] = True
                 return os.fstat(out).st_size
             except OSError as exc:
-                if exc.errno not in (errno.EOPNOTSUPP, errno.EXDEV, errno.EINVAL, errno.ENOTTY, errno.EBADF):
+                if exc.errno not in _UNSUPPORTED:
                     raise
-                _reflinks["work"] = False
-        copied = 0
-        while True:  # to the end: a file that grew is found out by its length
-            sent = os.sendfile(out, fd, offset + copied, max(length - copied, 1 << 20))
-            if not sent:
-                return copied
-            copied += sent
+                _reflinks[device] = False
+        return _copy(fd, out, offset, length)
     finally:
         os.close(out)
+
+
+def _copy(fd: int, out: int, offset: int, length: int) -> int:
+    copied, ranged = 0, True
+    while True:  # to the end: a file that grew is found out by its length
+        want = max(length - copied, 1 << 20)
+        if ranged:
+            try:
+                sent = os.copy_file_range(fd, out, want, offset + copied, copied)
+            except OSError as exc:  # not between these files (an older kernel, a special file system)
+                if exc.errno not in _UNSUPPORTED:
+                    raise
+                ranged = False
+                os.lseek(out, copied, os.SEEK_SET)
+                continue
+        else:
+            sent = os.sendfile(out, fd, offset + copied, want)
+        if not sent:
+            return copied
+        copied += sent
 
 
 def _write_all(fd: int, data: bytes | memoryview) -> None:

@@ -24,7 +24,7 @@ AVG_CHUNK = 1024 * 1024
 MAX_CHUNK = 4 * 1024 * 1024
 _RAW, _ZSTD = b"R", b"Z"
 _SAMPLE = 64 * 1024
-BLOCK = 32 * 1024 * 1024  # read this much of a file at a time
+BLOCK = 16 * 1024 * 1024  # read this much of a file at a time (under glibc's 32 MiB mmap threshold: reused, not faulted in afresh)
 _PROBE = 64 * 1024
 
 
@@ -69,7 +69,7 @@ def pieces(fd: int, size: int) -> Iterator[list[memoryview]]:
         cut: list[memoryview] = []
         if tail is not None:  # the chunk that spans the two blocks: the only bytes copied
             joint = memoryview(bytes(tail) + block[:MAX_CHUNK])
-            first = _cuts(joint)[0]
+            first = joint[:first_cut(joint)]
             cut.append(first)
             rest = rest[len(first) - len(tail):]
         cut += _cuts(rest) if len(rest) else []
@@ -82,9 +82,9 @@ def encode(data: memoryview | bytes) -> bytes:
     """zstd, unless a sample shows the data does not compress (then raw, and no time lost)."""
     sample = bytes(data[:_SAMPLE])
     if len(zstandard.ZstdCompressor(level=1).compress(sample)) > 0.95 * len(sample):
-        return _RAW + bytes(data)
+        return _RAW + data  # one copy (bytes + a view), not two
     compressed = zstandard.ZstdCompressor(level=3).compress(data)
-    return _ZSTD + compressed if len(compressed) < len(data) else _RAW + bytes(data)
+    return _ZSTD + compressed if len(compressed) < len(data) else _RAW + data
 
 
 def decode(blob: bytes, chunk_id: str) -> bytes | memoryview:

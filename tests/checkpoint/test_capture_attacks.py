@@ -169,17 +169,18 @@ def test_a_file_that_grows_while_it_is_captured_fails_the_capture(tmp_path: Path
     state = tmp_path / "state"
     state.mkdir()
     (state / "log.bin").write_bytes(os.urandom(1 << 20))
-    real_read, real_sendfile = os.read, os.sendfile
+    real = {2: os.read, 4: os.sendfile, 5: os.copy_file_range}  # by their number of arguments
+    names = {2: "os.read", 4: "os.sendfile", 5: "os.copy_file_range"}
 
     def growing(*args, **kwargs):  # type: ignore[no-untyped-def]
         with open(state / "log.bin", "ab") as handle:
             handle.write(b"more" * 1000)
-        monkeypatch.setattr("os.read", real_read)
-        monkeypatch.setattr("os.sendfile", real_sendfile)
-        return (real_sendfile if len(args) == 4 else real_read)(*args, **kwargs)
+        for count, name in names.items():
+            monkeypatch.setattr(name, real[count])
+        return real[len(args)](*args, **kwargs)
 
-    monkeypatch.setattr("os.read", growing)
-    monkeypatch.setattr("os.sendfile", growing)
+    for name in names.values():
+        monkeypatch.setattr(name, growing)
     with pytest.raises(StateChanged, match="log.bin changed while it was captured"):
         store_at(tmp_path).snapshot(state, tmp_path / "staging")
 
