@@ -38,7 +38,12 @@ class NotFound(KeyError):
 
 
 class CapacityError(RuntimeError):
-    """The cloud has no capacity for this launch (no spot capacity, or price above max)."""
+    """The cloud has no capacity for this launch (EC2's InsufficientInstanceCapacity and kin)."""
+
+
+class PriceTooLow(CapacityError):
+    """The spot price is above the launch's MaxPrice (EC2's SpotMaxPriceTooLow): it says nothing of
+    the market's capacity, which a launch without that MaxPrice may still find."""
 
 
 class DeliveryError(RuntimeError):

@@ -40,7 +40,9 @@ class Settings(BaseSettings):
     schedule_interval: float = 5.0  # seconds between scheduler passes over queued jobs
     default_instance_type: str = "m5.large"
     batch_window: float = 1.0  # seconds to gather arrivals before a scheduling pass
-    restart_overhead: float = 300.0  # seconds from launch to running again, until measured per job
+    # seconds from launch to running again, until measured (the job's own, or else the median of
+    # the cluster's running jobs'); None: 300 on aws (an EC2 boot and a restore), 10 on local
+    restart_overhead: float | None = Field(default=None, ge=0)
     migrate_timeout: float = 120.0  # seconds a moving job's worker has to checkpoint and stop
     # seconds a message id is remembered: longer than a delivery is accepted (its timestamp may be
     # an hour old), so a duplicate is either remembered or refused as stale
@@ -85,6 +87,7 @@ class Settings(BaseSettings):
     market_notice_seconds: float | None = None
     market_seed: int | None = None
     market_trace: Path | None = None  # replay this trace instead of the built-in model
+    market_trace_offset_hours: float = Field(default=0.0, ge=0)  # from this far into the trace
 
     # aws backend (cbas aws bootstrap prints these)
     aws_region: str = "us-east-1"
@@ -112,6 +115,13 @@ class Settings(BaseSettings):
         if os.geteuid() == 0:
             return Path("/var/tmp/cbas-machines")
         return self.home / "machines"
+
+    def default_restart_seconds(self) -> float:
+        """A restart's cost before any is measured: an EC2 machine boots in minutes, a local one
+        (a process) in about a second."""
+        if self.restart_overhead is not None:
+            return self.restart_overhead
+        return 300.0 if self.backend == "aws" else 10.0
 
     def notice_seconds(self) -> float:
         if self.market_notice_seconds is not None:

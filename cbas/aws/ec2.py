@@ -15,14 +15,15 @@ from botocore.exceptions import ClientError
 
 from cbas.authority import key_drop
 from cbas.aws.retry import aws_retry
-from cbas.backends import CapacityError, Leftover
+from cbas.backends import CapacityError, Leftover, PriceTooLow
 from cbas.models import LaunchSpec, Machine, Offer
 
 log = structlog.get_logger(__name__)
 
 USER_DATA_TEMPLATE = Path(__file__).resolve().parents[2] / "scripts" / "user-data.sh.tmpl"
-CAPACITY_CODES = frozenset({"InsufficientInstanceCapacity", "SpotMaxPriceTooLow", "MaxSpotInstanceCountExceeded",
+CAPACITY_CODES = frozenset({"InsufficientInstanceCapacity", "MaxSpotInstanceCountExceeded",
                             "InsufficientCapacity", "UnfulfillableCapacity"})
+PRICE_CODES = frozenset({"SpotMaxPriceTooLow"})
 # us-east-1 Linux on-demand USD/hour of the types CBAS offers by default
 ONDEMAND_PRICES = {"m5.large": 0.096, "c5.large": 0.085, "c5.xlarge": 0.17, "r5.large": 0.126, "p3.2xlarge": 3.06}
 LIVE_STATES = ["pending", "running", "stopping", "stopped"]
@@ -182,7 +183,10 @@ class Ec2Cloud:
             try:
                 instance = aws_retry(self.client.run_instances)(**params)["Instances"][0]
             except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") in CAPACITY_CODES:
+                code = exc.response.get("Error", {}).get("Code")
+                if code in PRICE_CODES:
+                    raise PriceTooLow(f"{spec.market} {spec.instance_type} in {spec.zone}: {exc}") from None
+                if code in CAPACITY_CODES:
                     raise CapacityError(f"{spec.market} {spec.instance_type} in {spec.zone}: {exc}") from None
                 raise
             return self._machine(instance, price)

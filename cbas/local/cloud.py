@@ -26,7 +26,7 @@ import structlog
 from pydantic import BaseModel
 
 from cbas.authority import Credential
-from cbas.backends import CapacityError, Leftover, NotFound
+from cbas.backends import CapacityError, Leftover, NotFound, PriceTooLow
 from cbas.local.market import BuiltinMarket, MarketModel, TraceMarket
 from cbas.local.volumes import delete_snapshot, list_snapshots, restore_volume
 from cbas.models import LaunchSpec, Machine, Offer
@@ -78,7 +78,7 @@ def group_alive(pgid: int) -> bool:
 
 def make_market(settings: Settings, seed: int) -> MarketModel:
     if settings.market_trace is not None:
-        return TraceMarket(load_trace(settings.market_trace))
+        return TraceMarket(load_trace(settings.market_trace), settings.market_trace_offset_hours * 3600.0)
     return BuiltinMarket(seed=seed)
 
 
@@ -141,6 +141,8 @@ class LocalCloud:
             self._task = asyncio.create_task(self._market_loop(), name="local-market")
 
     async def offers(self) -> list[Offer]:
+        """Prices, as EC2's price history and price list give them; never capacity, which EC2 does
+        not tell: every market is offered, and only a launch finds out (CapacityError)."""
         t = self.sim_time()
         return [
             Offer(
@@ -148,7 +150,7 @@ class LocalCloud:
                 instance_type=kind,
                 spot_price=self.market.spot_price(zone, kind, t),
                 ondemand_price=self.market.ondemand_price(kind),
-                available=self.market.available(zone, kind, t),
+                available=True,
             )
             for zone in self.market.zones()
             for kind in self.market.instance_types()
@@ -166,9 +168,13 @@ class LocalCloud:
             raise CapacityError(f"no such market: {spec.instance_type} in {spec.zone}")
         t = self.sim_time()
         if spec.market == "spot":
-            if not self.market.available(spec.zone, spec.instance_type, t, spec.max_price):
-                raise CapacityError(f"no spot capacity for {spec.instance_type} in {spec.zone}")
+            if not self.market.available(spec.zone, spec.instance_type, t):
+                raise CapacityError(f"no spot capacity for {spec.instance_type} in {spec.zone} "
+                                    f"(InsufficientInstanceCapacity)")
             price = self.market.spot_price(spec.zone, spec.instance_type, t)
+            if spec.max_price is not None and price > spec.max_price:
+                raise PriceTooLow(f"the spot price of {spec.instance_type} in {spec.zone}, ${price:.4f}/h, is above "
+                                  f"MaxPrice ${spec.max_price:.4f}/h (SpotMaxPriceTooLow)")
         else:
             price = self.market.ondemand_price(spec.instance_type)
         instance_id = "i-" + secrets.token_hex(8)

@@ -125,15 +125,20 @@ class BuiltinMarket:
 
 
 class TraceMarket:
-    """Replays a trace from its start; simulated time past the end wraps around."""
+    """Replays a trace from `offset` seconds into it; simulated time past the end wraps around."""
 
-    def __init__(self, trace: Trace) -> None:
+    def __init__(self, trace: Trace, offset: float = 0.0) -> None:
         self.trace = trace
         self._start = trace.start
         self._span = max(trace.end - trace.start, 1.0)
+        self._offset = offset
+
+    def trace_time(self, t: float) -> float:
+        """The trace's own time (epoch s) at simulated time t."""
+        return self._start + ((t + self._offset) % self._span)
 
     def _at(self, t: float) -> float:
-        return self._start + (t % self._span)
+        return self.trace_time(t)
 
     def zones(self) -> list[str]:
         return sorted({zone for zone, _ in self.trace.markets})

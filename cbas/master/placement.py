@@ -13,7 +13,7 @@ import time
 import structlog
 
 from cbas import jdl
-from cbas.backends import CapacityError
+from cbas.backends import CapacityError, PriceTooLow
 from cbas.faults import crash_point
 from cbas.master.transitions import Transitions
 from cbas.master.views import describe, where
@@ -56,6 +56,7 @@ class Placement(Transitions):
         jobs = await self.store.list_jobs({JobState.QUEUED, JobState.RUNNING})
         if not jobs:
             return
+        self.adapter.learn_restarts(jobs)
         offered = sorted({offer.instance_type for offer in offers})
         live = {entry.job_id: entry for entry in await self.store.list_ledger(live_only=True)}
         described = [(job, describe(job.jdl)) for job in jobs]
@@ -95,10 +96,15 @@ class Placement(Transitions):
                 entry = await self.resources.launch(job.id, decision.placement, description.max_price,
                                                     await self._disk_for(job, description))
             except CapacityError as exc:  # EC2 tells capacity only this way: the next market is tried
-                until = self.adapter.launch_refused(decision.placement)
-                log.info("launch.no_capacity", job_id=job.id, error=str(exc), retry_at=until)
-                waiting = await self._note_waiting(job, f"no {decision.placement.market} capacity for "
-                                                        f"{decision.placement.instance_type} in {decision.placement.zone}")
+                where_to = f"{decision.placement.instance_type} in {decision.placement.zone}"
+                if isinstance(exc, PriceTooLow) and description.max_price is not None:
+                    until = self.adapter.price_refused(decision.placement, description.max_price)
+                    why = f"the spot price of {where_to} is above MaxPrice ${description.max_price:.4f}/h"
+                else:
+                    until = self.adapter.launch_refused(decision.placement)
+                    why = f"no {decision.placement.market} capacity for {where_to}"
+                log.info("launch.refused", job_id=job.id, error=str(exc), retry_at=until)
+                waiting = await self._note_waiting(job, why)
                 if waiting is None:
                     return  # no longer queued (cancelled meanwhile): nothing more to launch
                 job = waiting

@@ -43,6 +43,9 @@ class SchedulerAdapter:
         self.history = AvailabilityHistory(0, UNKNOWN_UP_HOURS)
         self.offers: dict[tuple[str, str], Offer] = {}  # as the cloud says (_tried: as launches found them)
         self.outcomes: LaunchOutcomes[MarketKey] = LaunchOutcomes()
+        self.typical_restart: float | None = None  # seconds: the median the cluster's jobs measured
+        # spot launches refused for their MaxPrice: (zone, type, MaxPrice); capacity unknown
+        self.price_refusals: LaunchOutcomes[tuple[str, str, float]] = LaunchOutcomes()
 
     def observe(self, offers: list[Offer]) -> None:
         keys = sorted((o.zone, o.instance_type) for o in offers)
@@ -58,6 +61,11 @@ class SchedulerAdapter:
         """A launch found no capacity: that market is left until the time returned (epoch s)."""
         return self.outcomes.refused((placement.zone, placement.instance_type, placement.market), self.clock())
 
+    def price_refused(self, placement: Placement, max_price: float) -> float:
+        """A spot launch was refused for its MaxPrice (the price rose since the history said):
+        jobs with that MaxPrice leave the market for a while; others may still launch there."""
+        return self.price_refusals.refused((placement.zone, placement.instance_type, max_price), self.clock())
+
     def launched(self, placement: Placement) -> None:
         self.outcomes.launched((placement.zone, placement.instance_type, placement.market))
 
@@ -68,10 +76,12 @@ class SchedulerAdapter:
     def _refusing(self, zone: str, kind: str, market: str) -> bool:
         return self.outcomes.refusing((zone, kind, market), self.clock())
 
-    def _tried(self, key: tuple[str, str]) -> Offer:
-        """The market's offer with spot capacity as the last launches found it."""
+    def _tried(self, key: tuple[str, str], max_price: float | None = None) -> Offer:
+        """The market's offer with spot capacity as the last launches found it (for a job with
+        `max_price`: also as launches with that MaxPrice found its price)."""
         offer = self.offers[key]
-        if offer.available and self._refusing(offer.zone, offer.instance_type, "spot"):
+        priced_out = max_price is not None and self.price_refusals.refusing((*key, max_price), self.clock())
+        if offer.available and (priced_out or self._refusing(offer.zone, offer.instance_type, "spot")):
             return offer.model_copy(update={"available": False})
         return offer
 
@@ -88,8 +98,16 @@ class SchedulerAdapter:
     def deadline_aware(description: JobDescription) -> bool:
         return description.deadline is not None and description.runtime is not None
 
+    def learn_restarts(self, jobs: list[Job]) -> None:
+        """What restarts cost here, from the jobs that measured theirs: a job not started yet is
+        judged by them rather than by a default (kept once they end, until others measure)."""
+        measured = sorted(j.restart_seconds for j in jobs if j.restart_seconds is not None)
+        if measured:
+            self.typical_restart = measured[len(measured) // 2]
+
     def restart_hours(self, job: Job) -> float:
-        seconds = job.restart_seconds if job.restart_seconds is not None else self.settings.restart_overhead
+        seconds = job.restart_seconds if job.restart_seconds is not None else (
+            self.typical_restart if self.typical_restart is not None else self.settings.default_restart_seconds())
         return seconds / 3600.0
 
     def progress_hours(self, job: Job) -> float:
@@ -113,7 +131,8 @@ class SchedulerAdapter:
         restart = self.restart_hours(job)
         index = {key: i for i, key in enumerate(self.keys)}
         own = markets[mode] if mode >= 0 else None
-        ups = [self._within(self.offers[key] if key == own else self._tried(key), description.max_price)
+        ups = [self._within(self.offers[key] if key == own else self._tried(key, description.max_price),
+                            description.max_price)
                for key in markets]
         return Situation(
             remaining_hours=max(0.0, runtime - self.progress_hours(job)),
@@ -149,7 +168,7 @@ class SchedulerAdapter:
     # --- decisions -----------------------------------------------------------------------------------
     def place(self, job: Job, description: JobDescription, types: list[str]) -> Decision:
         """Where a queued job should run now, if anywhere."""
-        offers = [self._tried(key) for key in self._markets(types)]
+        offers = [self._tried(key, description.max_price) for key in self._markets(types)]
         ondemand = [] if description.market == "spot" else self._ondemand(offers)
         if description.market == "on-demand":
             return self._on_demand_only(ondemand, types, description.max_price)

@@ -6,11 +6,13 @@ import base64
 
 import boto3
 import pytest
+from botocore.exceptions import ClientError
 from moto import mock_aws
 from pydantic import SecretStr
 
 from cbas.aws.ec2 import Ec2Cloud, render_user_data
 from cbas.aws.volumes import EbsSnapshots, NoDataVolume
+from cbas.backends import CapacityError, PriceTooLow
 from cbas.models import LaunchSpec
 
 
@@ -127,3 +129,20 @@ async def test_the_clusters_leftovers_are_found_and_removed(ec2) -> None:  # typ
     assert {(item.kind, item.id) for item in await cloud.leftovers()} == set()
     assert client.describe_images(ImageIds=[built])["Images"] == [] or \
         client.describe_images(ImageIds=[built])["Images"][0]["State"] == "deregistered"
+
+
+@pytest.mark.parametrize(("code", "refusal"), [("InsufficientInstanceCapacity", CapacityError),
+                                               ("SpotMaxPriceTooLow", PriceTooLow)])
+async def test_ec2_refusals_are_told_apart(ec2, code: str, refusal: type) -> None:  # type: ignore[no-untyped-def]
+    """moto never refuses a launch; EC2 does, with these codes (its answer is the part mocked)."""
+    client, image = ec2
+    cloud = Ec2Cloud("test", image, USER_DATA, client)
+
+    def refuse(**params):  # type: ignore[no-untyped-def]
+        raise ClientError({"Error": {"Code": code, "Message": "refused"}}, "RunInstances")
+
+    client.run_instances = refuse
+    with pytest.raises(refusal, match=code) as raised:
+        await cloud.launch(LaunchSpec(machine_key=KEY, ledger_id="l-9", job_id="j9", instance_type="c5.large",
+                                      zone="us-east-1a", market="spot", max_price=0.01))
+    assert isinstance(raised.value, PriceTooLow) == (refusal is PriceTooLow)

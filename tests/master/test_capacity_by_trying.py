@@ -8,7 +8,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from cbas.backends import CapacityError
+from cbas import jdl
+from cbas.backends import CapacityError, PriceTooLow
 from cbas.models import LaunchSpec, Machine, Offer
 from cbas.state import JobState
 from tests.faults.test_message_chaos import JDL, MemoryCloud, master_with_worker
@@ -18,9 +19,10 @@ class Ec2LikeCloud(MemoryCloud):
     """Two zones that both look available; `full` zones refuse every launch, as EC2 does with
     InsufficientInstanceCapacity."""
 
-    def __init__(self, full: set[str]) -> None:
+    def __init__(self, full: set[str], dearer: dict[str, float] | None = None) -> None:
         super().__init__()
         self.full = full
+        self.dearer = dearer or {}  # zone -> its spot price now, above what the offers said
         self.launches: list[tuple[str, str]] = []
 
     async def offers(self) -> list[Offer]:
@@ -31,6 +33,8 @@ class Ec2LikeCloud(MemoryCloud):
         self.launches.append((spec.zone, spec.market))
         if spec.zone in self.full:
             raise CapacityError(f"{spec.market} {spec.instance_type} in {spec.zone}: InsufficientInstanceCapacity")
+        if spec.market == "spot" and spec.max_price is not None and self.dearer.get(spec.zone, 0.0) > spec.max_price:
+            raise PriceTooLow(f"spot {spec.instance_type} in {spec.zone}: SpotMaxPriceTooLow")
         return await super().launch(spec)
 
 
@@ -76,3 +80,24 @@ async def test_a_market_without_capacity_is_tried_again_ever_less_often(tmp_path
     assert hourly[0] <= 40 and all(n <= 8 for n in hourly[3:]), hourly
     waiting = (await master.store.get_job(job.id)).waiting_reason or ""
     assert "capacity" in waiting and "again at" in waiting, waiting
+
+
+async def test_a_max_price_refusal_leaves_the_market_to_jobs_without_that_max_price(
+        tmp_path: Path, aiohttp_client: Any) -> None:
+    """EC2's SpotMaxPriceTooLow (the price rose above the job's MaxPrice since the history said
+    otherwise) is no lack of capacity: the job tries the next market and says why; a job without
+    a MaxPrice still launches in the first."""
+    cloud = Ec2LikeCloud(full=set(), dearer={"z1": 0.05})
+    master, _, _ = await master_with_worker(tmp_path, aiohttp_client, cloud)
+    capped = await master.create_job("capped")
+    await master.add_job(capped.id, jdl.write(jdl.JobDescription(executable="/bin/true", name="capped",
+                                                                   max_price=0.04)))
+    await master.schedule()
+    assert cloud.launches == [("z1", "spot"), ("z2", "spot")]
+    events = [e.detail for e in await master.store.list_events(capped.id)]
+    assert any("above MaxPrice $0.0400/h" in d and "z1" in d for d in events), events
+    free = await master.create_job("uncapped")
+    await master.add_job(free.id, JDL)
+    await master.schedule()
+    assert cloud.launches[2:] == [("z1", "spot")]  # not taken for a market without capacity
+    assert (await master.store.get_job(free.id)).state == JobState.PROVISIONING

@@ -272,3 +272,29 @@ def test_the_master_and_the_simulator_decide_the_same_from_the_same_facts(case: 
     else:
         assert (master.market, master.zone) == ("spot", "ab"[simulated])
     assert {"cheapest": 1, "refused": 0, "dearer-than-on-demand": ON_DEMAND}[case] == simulated
+
+
+def test_a_job_not_started_yet_is_judged_by_the_restarts_its_cluster_measured() -> None:
+    """With 10 minutes of slack, EC2's default restart (5 minutes, paid twice in the reckoning)
+    leaves none: on-demand. The cluster's running jobs measured 5 s restarts (as on the local
+    backend, or a small image): the same job takes spot, as the simulator with that overhead does."""
+    clock = Clock()
+    adapter = SchedulerAdapter(Settings(backend="aws", schedule_interval=5), clock=clock)
+    text = 'Executable = "x"; Deadline = "70m"; Runtime = "1h";'
+    job, description = Job(id="j", state=JobState.QUEUED, jdl=text, submitted_at=T0), jdl.parse(text)
+    adapter.observe([offer("a", 0.03)])
+    first = adapter.place(job, description, ["c5.large"])
+    assert first.placement is not None and first.placement.market == "on-demand", first
+    running = [Job(id=f"r{i}", state=JobState.RUNNING, jdl=text, submitted_at=T0, restart_seconds=s)
+               for i, s in enumerate((4.0, 5.0, 400.0))]
+    adapter.learn_restarts([job, *running])
+    again = adapter.place(job, description, ["c5.large"])
+    assert again.placement is not None and again.placement.market == "spot", again
+    adapter.learn_restarts([job])  # they ended: what they measured stays
+    assert adapter.restart_hours(job) == 5.0 / 3600.0
+
+
+def test_the_default_restart_is_the_backends() -> None:
+    assert Settings(backend="aws").default_restart_seconds() == 300.0
+    assert Settings(backend="local").default_restart_seconds() == 10.0
+    assert Settings(backend="aws", restart_overhead=42).default_restart_seconds() == 42.0

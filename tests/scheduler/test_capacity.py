@@ -112,3 +112,15 @@ def test_ours_takes_on_demand_when_spot_costs_more_and_leaves_it_when_spot_is_ch
     assert on_spot_at_a_spike == []  # never paid $1.50 spot while on-demand was $1.00
     assert ours.actions[-1] == 0  # back to spot once it is cheap again
     assert ON_DEMAND in ours.actions
+
+
+def test_refused_tries_never_cost_more_than_the_step_they_are_in() -> None:
+    """Steps of the live master's pass (2 s): two refused tries then a machine that runs one step
+    and is reclaimed. Its session is billed what it ran (never below nothing), and the job waits."""
+    step = 2.0 / 3600.0
+    down = [False] * 40
+    markets = [MarketSteps(f"z{i}", "t", 1.0, [0.2] * 40, down) for i in range(2)]
+    markets.append(MarketSteps("z2", "t", 1.0, [0.5] * 40, [True] + [False] * 39))
+    result = simulate(JobSpec(20 * step, 40 * step, 0.0), Scenario(markets, step), Trier(3))
+    late = min(2 * REFUSED_LAUNCH_HOURS, step)
+    assert result.cost >= 0.5 * (step - late) - 1e-12 and result.cost >= 0.0, result
