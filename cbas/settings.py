@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     schedule_interval: float = 5.0  # seconds between scheduler passes over queued jobs
     default_instance_type: str = "m5.large"
     batch_window: float = 1.0  # seconds to gather arrivals before a scheduling pass
+    # a market that refused a launch (or reclaimed a machine) is left this long, doubled at each
+    # refusal in a row up to 30 minutes, before it is tried again
+    capacity_retry_seconds: float = Field(default=60.0, gt=0)
     # seconds from launch to running again, until measured (the job's own, or else the median of
     # the cluster's running jobs'); None: 300 on aws (an EC2 boot and a restore), 10 on local
     restart_overhead: float | None = Field(default=None, ge=0)

@@ -15,7 +15,7 @@ from typing import Callable, Literal
 from cbas.jdl import JobDescription, parse_deadline
 from cbas.master.work import work_done
 from cbas.models import Job, LedgerEntry, Offer, from_epoch
-from cbas.scheduler.capacity import LaunchOutcomes
+from cbas.scheduler.capacity import RETRY_FULL_MARKET_SECONDS, LaunchOutcomes
 from cbas.scheduler.placement import Placement, cheapest_spot
 from cbas.scheduler.policies import AvailabilityHistory, MarketNow, Situation, cbas_choice, checkpoint_before_loss
 from cbas.scheduler.simulator import ON_DEMAND, WAIT
@@ -42,10 +42,11 @@ class SchedulerAdapter:
         self.keys: list[tuple[str, str]] = []
         self.history = AvailabilityHistory(0, UNKNOWN_UP_HOURS)
         self.offers: dict[tuple[str, str], Offer] = {}  # as the cloud says (_tried: as launches found them)
-        self.outcomes: LaunchOutcomes[MarketKey] = LaunchOutcomes()
+        retry = (settings.capacity_retry_seconds, max(settings.capacity_retry_seconds, RETRY_FULL_MARKET_SECONDS[1]))
+        self.outcomes: LaunchOutcomes[MarketKey] = LaunchOutcomes(retry)
         self.typical_restart: float | None = None  # seconds: the median the cluster's jobs measured
         # spot launches refused for their MaxPrice: (zone, type, MaxPrice); capacity unknown
-        self.price_refusals: LaunchOutcomes[tuple[str, str, float]] = LaunchOutcomes()
+        self.price_refusals: LaunchOutcomes[tuple[str, str, float]] = LaunchOutcomes(retry)
 
     def observe(self, offers: list[Offer]) -> None:
         keys = sorted((o.zone, o.instance_type) for o in offers)
@@ -72,6 +73,10 @@ class SchedulerAdapter:
     def preempted(self, zone: str, kind: str) -> None:
         """A spot machine there got its interruption notice: that market has no capacity now."""
         self.outcomes.preempted((zone, kind, "spot"), self.clock())
+
+    def _shown(self, key: tuple[str, str]) -> bool:
+        """A spot launch there worked since it last refused or reclaimed."""
+        return self.outcomes.state((*key, "spot"), self.clock()) is True
 
     def _refusing(self, zone: str, kind: str, market: str) -> bool:
         return self.outcomes.refusing((zone, kind, market), self.clock())
@@ -124,7 +129,9 @@ class SchedulerAdapter:
 
     def _situation(self, job: Job, description: JobDescription, markets: list[tuple[str, str]], mode: int) -> Situation:
         """`mode` >= 0: the job runs in markets[mode], whose offer is the cloud's (another job's
-        refused launch says nothing of a machine already running there)."""
+        refused launch says nothing of a machine already running there), and another spot market
+        counts only once a launch there has shown capacity: a move stops the job first, so a move
+        into a market that then refuses costs a restart for nothing (EC2 tells nothing else)."""
         runtime = description.runtime_hours() or 0.0
         deadline = parse_deadline(description.deadline or "", job.submitted_at)
         now_hours = self.clock() / 3600.0
@@ -132,7 +139,7 @@ class SchedulerAdapter:
         index = {key: i for i, key in enumerate(self.keys)}
         own = markets[mode] if mode >= 0 else None
         ups = [self._within(self.offers[key] if key == own else self._tried(key, description.max_price),
-                            description.max_price)
+                            description.max_price) and (own is None or key == own or self._shown(key))
                for key in markets]
         return Situation(
             remaining_hours=max(0.0, runtime - self.progress_hours(job)),

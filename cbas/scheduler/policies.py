@@ -9,6 +9,7 @@ plus a restart, run on on-demand to the end, so none misses a deadline on-demand
 from __future__ import annotations
 
 import bisect
+from dataclasses import dataclass, field
 from typing import NamedTuple, Sequence
 
 from cbas.scheduler.capacity import LaunchOutcomes
@@ -53,16 +54,33 @@ class _Base:
         return self.committed
 
 
+@dataclass
+class Knowledge:
+    """What one master learns from all its jobs' launches and preemptions: it keeps one record for
+    every job. Jobs simulated as one master runs them share one (each with its `arrival`)."""
+
+    outcomes: LaunchOutcomes[int] = field(default_factory=LaunchOutcomes)
+    history: "AvailabilityHistory | None" = None
+
+
 class LearnsCapacity(_Base):
-    """Keeps the record of launches and preemptions the master keeps (cbas.scheduler.capacity)."""
+    """Keeps the record of launches and preemptions the master keeps (cbas.scheduler.capacity):
+    its own, or `shared` with other jobs, on a clock where this job arrived at step `arrival`."""
+
+    shared: Knowledge | None = None
+    arrival = 0
 
     def reset(self, job: JobSpec, scenario: Scenario) -> None:
         super().reset(job, scenario)
-        self.outcomes: LaunchOutcomes[int] = LaunchOutcomes()
+        self.outcomes: LaunchOutcomes[int] = self.shared.outcomes if self.shared is not None else LaunchOutcomes()
+
+    def hours(self, now: Progress) -> float:
+        """The time now on the learning clock (shared by the jobs that share what they learn)."""
+        return (self.arrival + now.step) * self.step
 
     def learn(self, now: Progress) -> float:
         """Note what this call of decide() tells; the time now, in seconds."""
-        seconds = now.step * self.step * 3600.0
+        seconds = self.hours(now) * 3600.0
         if now.refused:  # asked again in the same step: the last try was refused
             self.outcomes.refused(now.refused[-1], seconds)
         elif now.preempted >= 0:
@@ -262,23 +280,30 @@ class Cbas(LearnsCapacity):
         job = self.job
         if now.mode < 0 or job.checkpoint_hours <= job.notice_hours:
             return False  # on-demand is never reclaimed; a fitting checkpoint is taken at the notice
-        residual = self.history.residual_up(now.mode, now.step * self.step, job.restart_hours)
+        residual = self.history.residual_up(now.mode, self.hours(now), job.restart_hours)
         return checkpoint_before_loss(now.unsaved, job.checkpoint_interval_hours - now.unsaved, residual,
                                       job.checkpoint_hours)
 
     def reset(self, job: JobSpec, scenario: Scenario) -> None:
         super().reset(job, scenario)
-        self.history = AvailabilityHistory(len(scenario.markets), job.deadline_hours)
+        if self.shared is None:
+            self.history = AvailabilityHistory(len(scenario.markets), job.deadline_hours)
+            return
+        if self.shared.history is None:
+            self.shared.history = AvailabilityHistory(len(scenario.markets), job.deadline_hours)
+        self.history = self.shared.history
 
     def decide(self, now: Progress) -> int:
         index = now.step
-        hours = index * self.step
+        hours = self.hours(now)
         markets = self.scenario.markets
         seconds = self.learn(now)
         # capacity as the master knows it: presumed until a launch or a preemption says otherwise
         seen = [self.outcomes.state(m, seconds) for m in range(len(markets))]
         self.history.observe(hours, seen, [m.price[index] for m in markets])
-        available = [up is not False for up in seen]
+        # running: another market counts once a launch there has shown capacity (the master's rule:
+        # its moves stop the job first); waiting: presumed until a launch says otherwise
+        available = [up is True or (up is None and now.mode in (WAIT, m)) for m, up in enumerate(seen)]
         return cbas_choice(Situation(
             remaining_hours=self.job.work_hours - now.progress,
             time_left_hours=self.time_left(now),

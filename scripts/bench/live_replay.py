@@ -10,7 +10,12 @@ on the same trace, start times and jobs, in the master's own units: wall seconds
 at the compressed times, steps of the master's scheduling interval, each job's restart overhead
 as the master measured it. Prints both, job by job, and writes JSON:
 
-    {"live": {"mean_cost_vs_ondemand", "deadline_misses", "jobs"}, "simulated": {...}, "per_job": [...]}
+    {"live": {"mean_cost_vs_ondemand", "deadline_misses", "jobs"}, "simulated": {...},
+     "simulated_alone": {...}, "per_job": [...]}
+
+"simulated" runs the jobs as one master runs them: together, sharing what every launch and
+preemption taught (the master keeps one record for all its jobs); "simulated_alone" each job by
+itself.
 
 Costs are against running the same work on on-demand. The live cost is the master's account (each
 machine at its launch price for its lifetime); the simulator bills each step at its price.
@@ -42,8 +47,8 @@ from cbas.frontend import submit  # noqa: E402
 from cbas.local.cloud import kill_group  # noqa: E402
 from cbas.local.market import TraceMarket  # noqa: E402
 from cbas.scheduler.model import JobSpec, MarketSteps, Scenario, binned, market_sets  # noqa: E402
-from cbas.scheduler.policies import make  # noqa: E402
-from cbas.scheduler.simulator import ondemand_cost, simulate  # noqa: E402
+from cbas.scheduler.policies import Knowledge, make  # noqa: E402
+from cbas.scheduler.simulator import Result, ondemand_cost, simulate, simulate_many  # noqa: E402
 from cbas.scheduler.traces import MarketSeries, load_trace  # noqa: E402
 from cbas.settings import Settings  # noqa: E402
 
@@ -147,18 +152,40 @@ def market_steps(series: MarketSeries, market: TraceMarket, wall_start: float, o
     return binned(series, start, steps, step_s * scale / 3600.0)
 
 
-def simulated(view: dict[str, Any], markets: list[MarketSeries], market: TraceMarket, opened_at: float,
-              args: argparse.Namespace, work_s: int, deadline_s: int, restart_s: float) -> dict[str, Any]:
-    steps = int(math.ceil(deadline_s / args.step)) + 1
-    start = epoch(view["submitted_at"]) or opened_at
-    scenario = Scenario([market_steps(s, market, start, opened_at, args.scale, args.step, steps) for s in markets],
-                        args.step / 3600.0)
-    job = JobSpec(work_s / 3600.0, deadline_s / 3600.0, restart_s / 3600.0, CHECKPOINT_INTERVAL / 3600.0, 0.0,
-                  args.notice / 3600.0)
-    result = simulate(job, scenario, make("cbas"))
+def job_spec(work_s: int, deadline_s: int, restart_s: float, notice_s: float) -> JobSpec:
+    return JobSpec(work_s / 3600.0, deadline_s / 3600.0, restart_s / 3600.0, CHECKPOINT_INTERVAL / 3600.0, 0.0,
+                   notice_s / 3600.0)
+
+
+def summary_of(result: Result, job: JobSpec, scenario: Scenario) -> dict[str, Any]:
     reference = ondemand_cost(job, scenario)
     return {"cost_vs_ondemand": result.cost / reference, "missed": result.missed, "preemptions": result.preemptions,
             "starts": result.starts, "reference": reference}
+
+
+def simulated(views: list[dict[str, Any]], markets: list[MarketSeries], market: TraceMarket, opened_at: float,
+              args: argparse.Namespace, jobs: list[JobSpec]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The jobs simulated as one master runs them (in step, sharing what their launches and
+    preemptions teach, as the master's one record does), and each alone."""
+    starts = [epoch(view["submitted_at"]) or opened_at for view in views]
+    first = min(starts)
+    arrivals = [int(round((start - first) / args.step)) for start in starts]
+    steps = max(arrivals) + int(math.ceil(max(job.deadline_hours for job in jobs) * 3600 / args.step)) + 1
+    scenario = Scenario([market_steps(s, market, first, opened_at, args.scale, args.step, steps) for s in markets],
+                        args.step / 3600.0)
+    knowledge, policies = Knowledge(), []
+    for arrival in arrivals:
+        policy = make("cbas")
+        policy.shared, policy.arrival = knowledge, arrival  # type: ignore[attr-defined]
+        policies.append(policy)
+    together = simulate_many(list(zip(jobs, arrivals)), scenario, policies)
+    shared, alone = [], []
+    for job, arrival, result in zip(jobs, arrivals, together):
+        own = Scenario([MarketSteps(m.zone, m.instance_type, m.ondemand, m.price[arrival:], m.available[arrival:])
+                        for m in scenario.markets], scenario.step_hours)
+        shared.append(summary_of(result, job, own))
+        alone.append(summary_of(simulate(job, own, make("cbas")), job, own))
+    return shared, alone
 
 
 def live_result(view: dict[str, Any], reference: float) -> dict[str, Any]:
@@ -167,6 +194,7 @@ def live_result(view: dict[str, Any], reference: float) -> dict[str, Any]:
     predicted = view.get("predicted_cost")
     return {"cost_vs_ondemand": view["cost_so_far"] / reference, "missed": missed, "state": view["state"],
             "cost": view["cost_so_far"], "predicted_cost": predicted,  # as `cbas status ID` shows them
+            "submitted_at": view["submitted_at"],
             "preemptions": view.get("preemptions", 0), "restarts": view.get("restarts", 0),
             "late_s": (finished - deadline) if finished and deadline else None}
 
@@ -203,11 +231,10 @@ def main() -> None:
     market = TraceMarket(trace, args.offset_hours * 3600.0)
     measured = [v["restart_seconds"] for v in views if v.get("restart_seconds")]
     default_restart = statistics.median(measured) if measured else Settings().default_restart_seconds()
-    per_job = []
-    for view in views:
-        sim = simulated(view, markets, market, opened_at, args, work_s, deadline_s,
-                        view.get("restart_seconds") or default_restart)
-        per_job.append({"job": view["id"], "live": live_result(view, sim["reference"]), "simulated": sim})
+    jobs = [job_spec(work_s, deadline_s, view.get("restart_seconds") or default_restart, args.notice) for view in views]
+    shared, alone = simulated(views, markets, market, opened_at, args, jobs)
+    per_job = [{"job": view["id"], "live": live_result(view, sim["reference"]), "simulated": sim,
+                "simulated_alone": own} for view, sim, own in zip(views, shared, alone)]
     print(f"{'job':10} {'live cost':>10} {'sim cost':>9} {'live miss':>10} {'sim miss':>9} {'live preempt':>13} "
           f"{'sim preempt':>12} {'predicted $':>12} {'actual $':>9}")
     for row in per_job:
@@ -216,12 +243,14 @@ def main() -> None:
         print(f"{row['job']:10} {live['cost_vs_ondemand']:10.3f} {sim['cost_vs_ondemand']:9.3f} {live['missed']!s:>10} "
               f"{sim['missed']!s:>9} {live['preemptions']:13} {sim['preemptions']:12} {predicted:>12} {live['cost']:9.4f}")
     result = {"live": totals([r["live"] for r in per_job]), "simulated": totals([r["simulated"] for r in per_job]),
+              "simulated_alone": totals([r["simulated_alone"] for r in per_job]),
               "per_job": per_job, "trace": trace.name, "instance_type": kind, "scale": args.scale,
               "work_s": work_s, "deadline_s": deadline_s, "offset_hours": args.offset_hours, "opened_at": opened_at,
               "wall_seconds": time.monotonic() - began}
     live, sim = result["live"], result["simulated"]
     print(f"live: {live['mean_cost_vs_ondemand']:.3f} of on-demand, {live['deadline_misses']} missed; simulated: "
-          f"{sim['mean_cost_vs_ondemand']:.3f}, {sim['deadline_misses']} missed; live/simulated "
+          f"{sim['mean_cost_vs_ondemand']:.3f}, {sim['deadline_misses']} missed (each job alone: "
+          f"{result['simulated_alone']['mean_cost_vs_ondemand']:.3f}); live/simulated "
           f"{live['mean_cost_vs_ondemand'] / sim['mean_cost_vs_ondemand']:.3f}; {result['wall_seconds']:.0f} s")
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(result, indent=2))

@@ -40,6 +40,7 @@ FAST = {
     "CBAS_MARKET_NOTICE_SECONDS": "1.5",
     "CBAS_BATCH_WINDOW": "0.1",
     "CBAS_RESTART_OVERHEAD": "2",
+    "CBAS_CAPACITY_RETRY_SECONDS": "2",  # these markets change within seconds
 }
 CALM = {("z1", "c5.large"): (0.03, 0.085, [(0.0, True)])}
 # simulated seconds since the master opened the market: the cheapest zone loses its capacity at

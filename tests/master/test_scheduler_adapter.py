@@ -83,15 +83,19 @@ def test_a_running_job_switches_to_on_demand_when_the_deadline_nears() -> None:
     assert adapter.review(job, description, ["c5.large"], running_on("a", "on-demand")).action == "keep"
 
 
-def test_a_running_job_moves_when_a_much_cheaper_market_appears() -> None:
+def test_a_running_job_moves_only_once_a_launch_shows_the_cheaper_market_has_capacity() -> None:
+    """A move stops the job first: into a market that then refuses, it costs a restart for nothing.
+    EC2 tells capacity only by launches, so a running job moves to a market only once a launch
+    there worked (another job's), never on a market merely presumed up."""
     adapter, clock, job, description = setup(deadline="40h", runtime="30h")
     job = job.model_copy(update={"state": JobState.RUNNING})
-    adapter.observe([offer("a", 0.06), offer("b", 0.01)])  # b has had capacity for 5 h ...
-    clock.now += 5 * 3600
-    adapter.observe([offer("a", 0.06), offer("b", 0.01, available=False)])  # ... then lost it
+    adapter.observe([offer("a", 0.06), offer("b", 0.01)])
+    adapter.preempted("b", "c5.large")  # b took a machine back ...
+    clock.now += 5 * 3600  # ... long ago: presumed up again, but nothing has shown it
+    adapter.observe([offer("a", 0.06), offer("b", 0.01)])
     assert adapter.review(job, description, ["c5.large"], running_on("a")).action == "keep"
-    clock.now += 600
-    adapter.observe([offer("a", 0.06), offer("b", 0.01)])  # and it is back
+    adapter.launched(Placement("b", "c5.large", "spot", 0.01))  # another job's launch there worked
+    adapter.observe([offer("a", 0.06), offer("b", 0.01)])
     decision = adapter.review(job, description, ["c5.large"], running_on("a"))
     assert decision.action == "move" and "in b" in decision.reason
 

@@ -130,3 +130,38 @@ def test_the_multi_zone_baselines_fail_over_to_another_zone(name: str) -> None:
     result = run(name, JOB, Scenario([cheap, other]))
     assert not result.missed and result.preemptions == 1 and result.ondemand_hours == 0
     assert result.actions[0] == 0 and result.actions[-1] == 1
+
+
+def test_jobs_of_one_master_share_what_a_preemption_taught() -> None:
+    """The master keeps one record of launches and preemptions for all its jobs: a job that
+    arrives just after another's machine was reclaimed in the cheap zone does not launch there,
+    as a job simulated alone (knowing nothing of it) does. Steps of 2 s, the master's pass."""
+    from cbas.scheduler.policies import Knowledge
+    from cbas.scheduler.simulator import simulate_many
+
+    step = 2.0 / 3600.0
+    flap = [True] * 5 + [False] + [True] * 200  # the cheap zone reclaims for one step, then is back
+    scenario = Scenario([MarketSteps("cheap", "t", 1.0, [0.2] * 206, flap),
+                         MarketSteps("dear", "t", 1.0, [0.3] * 206, [True] * 206)], step)
+    job = JobSpec(40 * step, 120 * step, step)
+
+    def second_jobs_first_market(shared: bool) -> int:
+        knowledge = Knowledge()
+        policies = [make("cbas"), make("cbas")]
+        if shared:
+            for policy, arrival in zip(policies, (0, 6)):
+                policy.shared, policy.arrival = knowledge, arrival  # type: ignore[attr-defined]
+        chosen: list[int] = []
+        decide = policies[1].decide
+
+        def noting(now):  # type: ignore[no-untyped-def]
+            action = decide(now)
+            chosen.append(action)
+            return action
+
+        policies[1].decide = noting  # type: ignore[method-assign]
+        simulate_many([(job, 0), (job, 6)], scenario, policies)
+        return next(a for a in chosen if a >= 0)
+
+    assert second_jobs_first_market(shared=False) == 0  # alone, it knows nothing of the reclaim
+    assert second_jobs_first_market(shared=True) == 1  # one master: that zone is left for a while
