@@ -54,6 +54,16 @@ def demo_root() -> Path:
     return root
 
 
+def local_env(root: Path, **settings: str) -> dict[str, str]:
+    """The environment of a master on the local backend in `root` (demo_root()), with the demo's
+    fast timings and these CBAS_ settings over them."""
+    env = {**os.environ, **DEMO_ENV, "CBAS_HOME": str(root / "home"), "CBAS_MACHINES_DIR": str(root / "machines"),
+           **settings}
+    if os.geteuid() != 0:  # no users of their own for the jobs: run them as ourselves
+        env["CBAS_JOB_USER"] = "worker"
+    return env
+
+
 def start_master(env: dict[str, str], home: Path, timeout: float = 30.0) -> subprocess.Popen[bytes]:
     with open(home / "master.log", "ab") as log:
         process = subprocess.Popen(
@@ -113,9 +123,7 @@ def run_demo(
     console = console or Console()
     root = demo_root()
     home = root / "home"
-    env = {**os.environ, **DEMO_ENV, "CBAS_HOME": str(home), "CBAS_MACHINES_DIR": str(root / "machines")}
-    if os.geteuid() != 0:  # no users of their own for the jobs: run them as ourselves, and say so
-        env["CBAS_JOB_USER"] = "worker"
+    env = local_env(root)
     if seed is not None:
         env["CBAS_MARKET_SEED"] = str(seed)
     if time_scale is not None:

@@ -137,9 +137,6 @@ class TraceMarket:
         """The trace's own time (epoch s) at simulated time t."""
         return self._start + ((t + self._offset) % self._span)
 
-    def _at(self, t: float) -> float:
-        return self.trace_time(t)
-
     def zones(self) -> list[str]:
         return sorted({zone for zone, _ in self.trace.markets})
 
@@ -150,12 +147,12 @@ class TraceMarket:
         series = self.trace.markets.get((zone, instance_type))
         if series is None:
             return False
-        if max_price is not None and series.price_at(self._at(t)) > max_price:
+        if max_price is not None and series.price_at(self.trace_time(t)) > max_price:
             return False
-        return series.available_at(self._at(t), max_price)
+        return series.available_at(self.trace_time(t), max_price)
 
     def spot_price(self, zone: str, instance_type: str, t: float) -> float:
-        return self.trace.markets[(zone, instance_type)].price_at(self._at(t))
+        return self.trace.markets[(zone, instance_type)].price_at(self.trace_time(t))
 
     def ondemand_price(self, instance_type: str) -> float:
         for (_, kind), series in self.trace.markets.items():

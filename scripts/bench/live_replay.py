@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import shutil
 import statistics
 import sys
@@ -42,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from cbas import jdl  # noqa: E402
 from cbas.client import MasterClient  # noqa: E402
-from cbas.demo import DEMO_ENV, demo_root, leftover_machines, start_master, stop_master  # noqa: E402
+from cbas.demo import demo_root, leftover_machines, local_env, start_master, stop_master  # noqa: E402
 from cbas.frontend import submit  # noqa: E402
 from cbas.local.cloud import kill_group  # noqa: E402
 from cbas.local.market import TraceMarket  # noqa: E402
@@ -94,14 +93,9 @@ def run_live(args: argparse.Namespace, kind: str, work_s: int, deadline_s: int) 
     """Submit the jobs to a real master; their views once all ended, and when the market opened."""
     root = demo_root()
     home = root / "home"
-    env = {**os.environ, **DEMO_ENV, "CBAS_HOME": str(home), "CBAS_MACHINES_DIR": str(root / "machines"),
-           "CBAS_MARKET_TRACE": str(args.trace.resolve()), "CBAS_MARKET_TIME_SCALE": str(args.scale),
-           "CBAS_MARKET_TRACE_OFFSET_HOURS": str(args.offset_hours), "CBAS_SCHEDULE_INTERVAL": str(args.step),
-           "CBAS_MARKET_NOTICE_SECONDS": str(args.notice)}
-    if os.geteuid() != 0:
-        env["CBAS_JOB_USER"] = "worker"
-    for name in ("CBAS_MARKET_SEED",):
-        env.pop(name, None)
+    env = local_env(root, CBAS_MARKET_TRACE=str(args.trace.resolve()), CBAS_MARKET_TIME_SCALE=str(args.scale),
+                    CBAS_MARKET_TRACE_OFFSET_HOURS=str(args.offset_hours), CBAS_SCHEDULE_INTERVAL=str(args.step),
+                    CBAS_MARKET_NOTICE_SECONDS=str(args.notice))
     settings = Settings(home=home)
     jobs = write_jobs(root / "jobs", args.jobs, kind, work_s, deadline_s)
     master = start_master(env, home)
